@@ -1,0 +1,34 @@
+"""Shared fixtures: a session-wide cache (tiny models, frequency tables) and a fast tiny config."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Keep built artefacts out of ~/.cache during tests (but share them within the session)."""
+    if "TOKENTRUST_CACHE" not in os.environ:
+        os.environ["TOKENTRUST_CACHE"] = str(tmp_path_factory.mktemp("tt-cache"))
+    yield
+
+
+def tiny_overrides(out_dir, **extra):
+    """A seconds-long tiny-arith run: a 1-layer model, 2 prompts x 2 samples, short responses."""
+    over = {
+        "out_dir": str(out_dir),
+        "max_steps": 2,
+        "model": {"tiny_hidden": 32, "tiny_layers": 1, "tiny_heads": 2, "tiny_vocab": 320, "sft_steps": 30},
+        "task": {"eval_limit": 4, "eval_samples": 2, "options": {"num_train": 64, "num_test": 16}},
+        "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 12},
+        "optim": {"lr": 1e-3, "ppo_epochs": 2, "minibatches": 2},
+        "log": {"checkpoint_every": 1, "samples_every": 1, "progress": False, "tensorboard": False},
+    }
+    from tokentrust.config import deep_merge
+
+    return deep_merge(over, extra)

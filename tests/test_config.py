@@ -1,0 +1,73 @@
+"""Config validation: every bad value fails before any work, naming the field."""
+
+import json
+
+import pytest
+
+from tokentrust.config import ConfigError, PRESETS, loss_params, parse_set, resolve
+
+
+def test_default_is_tiny_arith():
+    cfg = resolve()
+    assert cfg.model.name == "tiny" and cfg.task.name == "arith"
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_validate(name):
+    resolve(preset=name)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"algo": {"delta": 0}}, "algo.delta"),
+    ({"algo": {"delta": -1.0}}, "algo.delta"),
+    ({"algo": {"eps_low": -0.1}}, "algo.eps_low"),
+    ({"algo": {"thresholds": {"s_min": 3.0, "s_max": 2.0}}}, "algo.thresholds.s_min"),
+    ({"algo": {"thresholds": {"kind": "zipf"}}}, "algo.thresholds.kind"),
+    ({"rollout": {"group_size": 1}}, "rollout.group_size"),
+    ({"rollout": {"temperature": 0}}, "rollout.temperature"),
+    ({"rollout": {"top_p": 1.5}}, "rollout.top_p"),
+    ({"optim": {"lr": "fast"}}, "optim.lr"),
+    ({"optim": {"ppo_epochs": 1.5}}, "optim.ppo_epochs"),
+    ({"optim": {"minibatches": 1000}}, "optim.minibatches"),
+    ({"algo": {"agg": "mean"}}, "algo.agg"),
+    ({"algo": {"params": {"w_min": 0.5}}}, "algo.params.w_min"),
+    ({"model": {"dtype": "fp8"}}, "model.dtype"),
+    ({"log": {"progress": "yes"}}, "log.progress"),
+])
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as e:
+        resolve(overrides=overrides)
+    msg = str(e.value)
+    assert field in msg and "\n" not in msg
+
+
+def test_unknown_key_and_unknown_loss():
+    with pytest.raises(ConfigError, match="unknown config key 'algo.deltaa'"):
+        resolve(overrides={"algo": {"deltaa": 0.1}})
+    with pytest.raises(ConfigError) as e:
+        resolve(overrides={"algo": {"loss": "trpo"}})
+    assert "dppo-tv" in str(e.value) and "ppo" in str(e.value)
+
+
+def test_threshold_schedule_needs_a_delta_loss():
+    with pytest.raises(ConfigError, match="algo.thresholds.kind"):
+        resolve(overrides={"algo": {"loss": "ppo", "thresholds": {"kind": "frequency"}}})
+
+
+def test_set_parsing_and_precedence(tmp_path):
+    over = parse_set(["algo.delta=0.3", "task.name=gsm8k", "algo.is_cap=null", "log.progress=false"])
+    assert over == {"algo": {"delta": 0.3, "is_cap": None}, "task": {"name": "gsm8k"}, "log": {"progress": False}}
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"algo": {"loss": "dppo-kl", "delta": 0.05}}))
+    cfg = resolve(file=f, overrides={"algo": {"delta": 0.07}})
+    assert cfg.algo.loss == "dppo-kl" and cfg.algo.delta == 0.07
+    toml = tmp_path / "c.toml"
+    toml.write_text('max_steps = 3\n[algo]\nloss = "ppo"\neps_high = 0.28\n')
+    cfg = resolve(file=toml)
+    assert cfg.max_steps == 3 and loss_params(cfg)["eps_high"] == 0.28
+
+
+def test_round_trip_of_resolved_config():
+    cfg = resolve(preset="smollm2-gsm8k")
+    again = resolve(base=json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
