@@ -79,7 +79,7 @@ class BatchFrequencyState:
 
 def frequency_log_scale(token_ids: torch.Tensor, rarity: torch.Tensor, rho_ref: float, beta: float) -> torch.Tensor:
     """beta * (rho(y_t) - rho_ref) for every token: the log of the unclamped frequency scale."""
-    return beta * (rarity.to(token_ids.device)[token_ids] - rho_ref)
+    return rarity.to(token_ids.device)[token_ids].sub_(rho_ref).mul_(beta)
 
 
 def entropy_log_scale(entropy: torch.Tensor, mask: torch.Tensor, beta: float,
@@ -114,7 +114,7 @@ def batch_rarity(token_ids: torch.Tensor, mask: torch.Tensor, vocab_size: int, *
 
 def scale_from_log(log_scale: torch.Tensor, s_min: float, s_max: float) -> torch.Tensor:
     """exp(log_scale) clamped to [s_min, s_max], clamped in log space so nothing overflows."""
-    return log_scale.clamp(math.log(s_min), math.log(s_max)).exp()
+    return log_scale.clamp(math.log(s_min), math.log(s_max)).exp_()
 
 
 def apply_scale(delta: float, scale: torch.Tensor, mask: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -122,8 +122,8 @@ def apply_scale(delta: float, scale: torch.Tensor, mask: torch.Tensor, normalize
     if normalize:
         m = mask.to(scale.dtype)
         mean = (scale * m).sum() / m.sum().clamp(min=1.0)
-        scale = scale / mean.clamp(min=1e-12)
-    return delta * scale
+        return scale.mul_(delta / mean.clamp(min=1e-12))
+    return scale.mul_(delta)
 
 
 def compute_thresholds(spec: ThresholdSpec, delta: float, token_ids: torch.Tensor, mask: torch.Tensor, *,
@@ -138,22 +138,23 @@ def compute_thresholds(spec: ThresholdSpec, delta: float, token_ids: torch.Tenso
     """
     if not delta > 0:
         raise ValueError(f"delta must be > 0, got {delta}")
-    log_scale = torch.zeros(token_ids.shape, dtype=torch.float32, device=token_ids.device)
     if spec.kind == "constant":
-        return torch.full_like(log_scale, float(delta))
+        return torch.full(token_ids.shape, float(delta), dtype=torch.float32, device=token_ids.device)
+    parts = []  # log-scales, summed and clamped once
     if spec.kind in ("frequency", "combined"):
         if rarity is None or rho_ref is None:
             raise ValueError(f"thresholds.kind={spec.kind!r} needs a corpus frequency table (rarity and rho_ref)")
-        log_scale = log_scale + frequency_log_scale(token_ids, rarity, rho_ref, spec.beta)
+        parts.append(frequency_log_scale(token_ids, rarity.float(), float(rho_ref), spec.beta))
     if spec.kind == "batch-frequency":
         if vocab_size is None:
             raise ValueError("thresholds.kind='batch-frequency' needs vocab_size")
         rho, ref = batch_rarity(token_ids, mask, vocab_size, smoothing=spec.smoothing, ema=spec.ema, state=state)
-        log_scale = log_scale + frequency_log_scale(token_ids, rho, float(ref), spec.beta)
+        parts.append(frequency_log_scale(token_ids, rho, float(ref), spec.beta))
     if spec.kind in ("entropy", "combined"):
         if entropy is None:
             raise ValueError(f"thresholds.kind={spec.kind!r} needs the entropy of mu at each token")
         beta = spec.beta if spec.kind == "entropy" or spec.entropy_beta is None else spec.entropy_beta
-        log_scale = log_scale + entropy_log_scale(entropy, mask, beta)
+        parts.append(entropy_log_scale(entropy, mask, beta))
+    log_scale = parts[0] if len(parts) == 1 else parts[0] + parts[1]
     scale = scale_from_log(log_scale, spec.s_min, spec.s_max)
     return apply_scale(float(delta), scale, mask, spec.normalize)

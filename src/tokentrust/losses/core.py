@@ -41,14 +41,8 @@ class PolicyInputs:
     mask: torch.Tensor  # bool
     log_ratio: torch.Tensor  # detached, clamped
     ratio: torch.Tensor  # detached
-
-    @property
-    def pi(self) -> torch.Tensor:
-        return self.logp.detach().exp()
-
-    @property
-    def mu(self) -> torch.Tensor:
-        return self.behavior_logp.exp()
+    pi: torch.Tensor  # detached probability of the sampled token under the current policy
+    mu: torch.Tensor  # ... and under the behaviour policy
 
 
 def prepare(logp: torch.Tensor, behavior_logp: torch.Tensor, advantages: torch.Tensor,
@@ -69,7 +63,9 @@ def prepare(logp: torch.Tensor, behavior_logp: torch.Tensor, advantages: torch.T
     behavior_logp = behavior_logp.detach().to(logp.dtype)
     advantages = advantages.detach().to(logp.dtype)
     log_ratio = (logp.detach() - behavior_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    return PolicyInputs(logp, behavior_logp, advantages, mask.bool(), log_ratio, log_ratio.exp())
+    logp_d = logp.detach()
+    return PolicyInputs(logp, behavior_logp, advantages, mask.bool(), log_ratio, log_ratio.exp(), logp_d.exp(),
+                        behavior_logp.exp())
 
 
 def truncated_weight(ratio: torch.Tensor, is_cap: float | None) -> torch.Tensor:
@@ -166,14 +162,11 @@ def as_threshold(delta: float | torch.Tensor, like: torch.Tensor, name: str = "d
         else:
             if delta.shape != like.shape:
                 raise ValueError(f"{name} tensor shape {tuple(delta.shape)} != logp shape {tuple(like.shape)}")
-            return delta.detach().to(device=like.device, dtype=like.dtype)
+            delta = delta.detach().to(device=like.device, dtype=like.dtype)
+            if not bool(torch.isfinite(delta).all() & (delta > 0).all()):
+                raise ValueError(f"{name} tensor must hold finite values > 0 (got min {float(delta.min())})")
+            return delta
     delta = float(delta)
     if not delta > 0 or math.isinf(delta):
         raise ValueError(f"{name} must be a finite number > 0, got {delta}")
     return delta
-
-
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate near 0 and for very negative x."""
-    x = x.clamp(max=-1e-30)
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from tokentrust.losses.core import (LossOutput, PolicyInputs, aggregate, as_threshold, check_agg, log1mexp, prepare,
+from tokentrust.losses.core import (LossOutput, PolicyInputs, aggregate, as_threshold, check_agg, prepare,
                                     standard_metrics, surrogate, truncated_weight)
 from tokentrust.losses.registry import register_loss
 
@@ -28,7 +28,10 @@ def binary_tv(x: PolicyInputs) -> torch.Tensor:
 def binary_kl(x: PolicyInputs) -> torch.Tensor:
     """KL(Bernoulli(mu_t) || Bernoulli(pi_t)), computed in log space."""
     logp, logmu = x.logp.detach(), x.behavior_logp
-    kl = x.mu * (logmu - logp) + torch.exp(log1mexp(logmu)) * (log1mexp(logmu) - log1mexp(logp))
+    # log(1 - p) = log(-expm1(log p)); the clamp keeps p = 1 finite (1 - p >= ~1e-7 in float32).
+    one_minus_mu = -torch.expm1(logmu.clamp(max=-1e-7))
+    one_minus_pi = -torch.expm1(logp.clamp(max=-1e-7))
+    kl = x.mu * (logmu - logp) + one_minus_mu * (one_minus_mu.log() - one_minus_pi.log())
     return kl.clamp(min=0.0)
 
 
