@@ -1,0 +1,1 @@
+"""Subcommands of the `tokentrust` command line (each module has `register(subparsers)`)."""

@@ -1,0 +1,477 @@
+"""Token-frequency tables: build from a corpus, save/load safely, rarity and frequency buckets.
+
+A `FrequencyTable` holds the unigram counts of every token id of one tokenizer over a reference
+corpus. AV-DPPO turns it into a per-token rarity rho(v) = -log f(v) (f = add-alpha smoothed
+unigram probability) and the metrics group tokens into buckets by cumulative token mass.
+
+Files are a single safetensors file: the int64 `counts` tensor plus JSON-encoded metadata in the
+safetensors header (never pickle). A sha256 of the counts is stored so tampering is detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+DEFAULT_EDGES: tuple[float, ...] = (0.5, 0.8, 0.95, 0.99)
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+_TEXT_SUFFIXES = (".txt", ".text", ".md")
+
+
+class VocabMismatchError(ValueError):
+    """A frequency table was built with a different tokenizer than the one in use."""
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer helpers
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, gguf_file: str | None = None) -> Any:
+    """Load a Hugging Face tokenizer from a hub id, a folder, a folder holding one GGUF file, or a
+    `.gguf` file path (the tokenizer is read from the GGUF metadata)."""
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_path)
+    if gguf_file is None and path.suffix == ".gguf" and path.is_file():
+        path, gguf_file = path.parent, path.name
+    if gguf_file is None and path.is_dir() and not (path / "tokenizer.json").exists():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            gguf_file = ggufs[0]
+    if gguf_file is not None:
+        return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
+    return AutoTokenizer.from_pretrained(str(name_or_path))
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's (token, id) table, so the same vocabulary loaded from two
+    different paths (hub id vs local copy vs GGUF) is recognised as the same."""
+    vocab = tokenizer.get_vocab()
+    items = sorted(vocab.items(), key=lambda kv: (kv[1], kv[0]))
+    blob = json.dumps(items, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _tokenizer_display_name(tokenizer: Any) -> str:
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# the table
+
+
+@dataclass
+class FrequencyTable:
+    """Unigram token counts of one tokenizer over one corpus."""
+
+    counts: torch.Tensor  # int64 [V]
+    tokenizer_name: str
+    vocab_size: int
+    fingerprint: str  # sha256 of the counted documents (stable across machines)
+    source: str  # human description of the corpus
+    tokenizer_hash: str = ""  # see `tokenizer_hash`; empty if unknown
+    meta: dict[str, Any] = field(default_factory=dict)  # num_docs, skipped_lines, field, ...
+
+    def __post_init__(self) -> None:
+        counts = torch.as_tensor(self.counts)
+        if counts.ndim != 1:
+            raise ValueError(f"counts must be 1-D, got shape {tuple(counts.shape)}")
+        if counts.dtype.is_floating_point or counts.dtype == torch.bool:
+            raise ValueError(f"counts must be integer, got {counts.dtype}")
+        counts = counts.to(torch.int64)
+        if counts.numel() != self.vocab_size:
+            raise ValueError(f"counts has {counts.numel()} entries but vocab_size={self.vocab_size}")
+        if counts.numel() and int(counts.min()) < 0:
+            raise ValueError("counts must be non-negative")
+        self.counts = counts
+
+    @property
+    def num_tokens(self) -> int:
+        """Total number of counted tokens."""
+        return int(self.counts.sum())
+
+    # -- probabilities and rarity --------------------------------------------------------------
+
+    def probabilities(self, alpha: float = 1.0) -> torch.Tensor:
+        """Add-alpha smoothed unigram probabilities f(v) = (c_v + alpha) / (N + alpha V), float32."""
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        total = self.num_tokens + alpha * self.vocab_size
+        if total <= 0:
+            raise ValueError("empty frequency table with alpha=0 has no probabilities")
+        return ((self.counts.double() + alpha) / total).float()
+
+    def rarity(self, alpha: float = 1.0) -> torch.Tensor:
+        """rho(v) = -log f(v), float32 [V] (inf for unseen tokens when alpha=0)."""
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        total = self.num_tokens + alpha * self.vocab_size
+        if total <= 0:
+            raise ValueError("empty frequency table with alpha=0 has no rarity")
+        return (np.log(total) - torch.log(self.counts.double() + alpha)).float()
+
+    def reference_rarity(self, quantile: float | None = None, alpha: float = 1.0) -> float:
+        """rho_ref: the token-mass weighted mean of rho (sum_v c_v/N rho(v)), or, with `quantile`,
+        the smallest rho such that tokens with rarity <= it hold at least that share of mass."""
+        n = self.num_tokens
+        if n == 0:
+            raise ValueError("reference rarity of an empty frequency table is undefined")
+        rho = self.rarity(alpha).double()
+        seen = self.counts > 0
+        w = self.counts[seen].double() / n
+        r = rho[seen]
+        if quantile is None:
+            return float((w * r).sum())
+        if not 0.0 <= quantile <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+        order = torch.argsort(r, stable=True)
+        cum = torch.cumsum(w[order], 0)
+        # searchsorted with a small tolerance so quantile=1.0 survives float rounding.
+        i = int(torch.searchsorted(cum, torch.tensor([quantile - 1e-12], dtype=cum.dtype)))
+        return float(r[order][min(i, r.numel() - 1)])
+
+    # -- buckets -------------------------------------------------------------------------------
+
+    def buckets(self, edges: Sequence[float] = DEFAULT_EDGES) -> torch.Tensor:
+        """Bucket id per token id, LongTensor [V].
+
+        Seen tokens are sorted by count (descending); a token goes to bucket i = number of edges
+        <= the cumulative mass share of all strictly more frequent tokens. Bucket 0 therefore
+        holds the most frequent tokens covering the first edges[0] of the mass (the token that
+        crosses the edge included), bucket len(edges) the rarest seen tokens. Tokens with equal
+        counts always share a bucket (decided by the mass before their group), so the result does
+        not depend on token ids. Unseen tokens (count 0) get bucket len(edges) + 1.
+        """
+        edges_t = _check_edges(edges)
+        v = self.vocab_size
+        out = torch.full((v,), len(edges_t) + 1, dtype=torch.long)
+        n = self.num_tokens
+        if n == 0:
+            return out
+        c = self.counts
+        order = torch.argsort(c, descending=True, stable=True)
+        sc = c[order]
+        seen = sc > 0
+        order, sc = order[seen], sc[seen]
+        # mass strictly before each token's tie group = total mass of tokens with larger count.
+        before_incl = torch.cumsum(sc, 0) - sc  # mass before this token in sorted order
+        # first index of each tie group -> its before_incl
+        new_group = torch.ones_like(sc, dtype=torch.bool)
+        new_group[1:] = sc[1:] != sc[:-1]
+        group_id = torch.cumsum(new_group.long(), 0) - 1
+        group_start = before_incl[new_group][group_id]
+        share = group_start.double() / n
+        out[order] = torch.searchsorted(edges_t, share, right=True)
+        return out
+
+    @staticmethod
+    def bucket_names(edges: Sequence[float] = DEFAULT_EDGES) -> list[str]:
+        """Human labels for the bucket ids returned by `buckets(edges)`."""
+        e = [0.0, *[float(x) for x in _check_edges(edges)], 1.0]
+        names = [f"{100 * lo:g}-{100 * hi:g}% mass" for lo, hi in zip(e[:-1], e[1:])]
+        names[0] += " (most frequent)"
+        names[-1] += " (rarest seen)"
+        return names + ["unseen"]
+
+    def bucket_table(self, edges: Sequence[float] = DEFAULT_EDGES) -> list[dict[str, Any]]:
+        """Per bucket: id, label, number of token types and share of token mass."""
+        b = self.buckets(edges)
+        n = max(self.num_tokens, 1)
+        rows = []
+        for i, name in enumerate(self.bucket_names(edges)):
+            sel = b == i
+            rows.append(
+                {
+                    "bucket": i,
+                    "name": name,
+                    "types": int(sel.sum()),
+                    "mass": float(self.counts[sel].sum()) / n,
+                }
+            )
+        return rows
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a single safetensors file (atomic rename); metadata as JSON strings."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        counts = self.counts.contiguous()
+        metadata = {
+            "format": "tokentrust.FrequencyTable",
+            "format_version": str(FORMAT_VERSION),
+            "tokenizer_name": json.dumps(self.tokenizer_name),
+            "tokenizer_hash": json.dumps(self.tokenizer_hash),
+            "vocab_size": json.dumps(int(self.vocab_size)),
+            "num_tokens": json.dumps(self.num_tokens),
+            "fingerprint": json.dumps(self.fingerprint),
+            "source": json.dumps(self.source),
+            "meta": json.dumps(self.meta, sort_keys=True),
+            "counts_sha256": hashlib.sha256(counts.numpy().tobytes()).hexdigest(),
+        }
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        save_file({"counts": counts}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        tokenizer: Any = None,
+        expected_vocab_size: int | None = None,
+    ) -> FrequencyTable:
+        """Read a table written by `save`. With `tokenizer` / `expected_vocab_size`, check that the
+        table matches (raise `VocabMismatchError` otherwise). Corrupt files raise `ValueError`."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"frequency table not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                md = f.metadata() or {}
+                counts = f.get_tensor("counts")
+        except Exception as e:  # safetensors raises its own error types for bad headers/sizes
+            raise ValueError(f"cannot read frequency table {path}: file is truncated or corrupt ({e})") from e
+        try:
+            if md.get("format") != "tokentrust.FrequencyTable":
+                raise ValueError("not a tokentrust frequency table (missing 'format' metadata)")
+            if int(md["format_version"]) > FORMAT_VERSION:
+                raise ValueError(f"format_version {md['format_version']} is newer than this tokentrust")
+            digest = hashlib.sha256(counts.contiguous().numpy().tobytes()).hexdigest()
+            if digest != md["counts_sha256"]:
+                raise ValueError("counts checksum mismatch (file was modified)")
+            table = cls(
+                counts=counts,
+                tokenizer_name=json.loads(md["tokenizer_name"]),
+                vocab_size=int(json.loads(md["vocab_size"])),
+                fingerprint=json.loads(md["fingerprint"]),
+                source=json.loads(md["source"]),
+                tokenizer_hash=json.loads(md.get("tokenizer_hash", '""')),
+                meta=json.loads(md.get("meta", "{}")),
+            )
+            if table.num_tokens != int(json.loads(md["num_tokens"])):
+                raise ValueError("num_tokens metadata does not match the counts")
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"invalid frequency table {path}: {e}") from e
+        table.check_compatible(tokenizer, expected_vocab_size, path=path)
+        return table
+
+    def check_compatible(
+        self, tokenizer: Any = None, expected_vocab_size: int | None = None, path: Any = None
+    ) -> None:
+        """Raise `VocabMismatchError` unless the table fits `tokenizer` / `expected_vocab_size`.
+
+        The vocabulary size must equal len(tokenizer) (or expected_vocab_size). A tokenizer is
+        accepted when its (token, id) hash equals the stored one, even if its name differs (hub
+        id vs local copy); without a stored hash the names must match."""
+        where = f"frequency table {path}" if path is not None else "frequency table"
+        if tokenizer is None and expected_vocab_size is None:
+            return
+        name = _tokenizer_display_name(tokenizer) if tokenizer is not None else self.tokenizer_name
+        size = len(tokenizer) if tokenizer is not None else None
+        if expected_vocab_size is not None and size is None:
+            size = int(expected_vocab_size)
+        tok_arg = name if tokenizer is not None else "TOKENIZER"
+        out_arg = path if path is not None else "table.safetensors"
+        hint = f"rebuild it with: tokentrust vocab build --tokenizer {tok_arg} --input CORPUS --out {out_arg}"
+        if expected_vocab_size is not None and size != expected_vocab_size:
+            raise VocabMismatchError(
+                f"tokenizer '{name}' has {size} tokens but expected_vocab_size={expected_vocab_size}"
+            )
+        if size != self.vocab_size:
+            in_use = (
+                f"the tokenizer in use is '{name}' (vocab size {size})"
+                if tokenizer is not None
+                else f"expected_vocab_size is {size}"
+            )
+            raise VocabMismatchError(
+                f"{where} was built with tokenizer '{self.tokenizer_name}' (vocab size "
+                f"{self.vocab_size}) but {in_use}; {hint}"
+            )
+        if tokenizer is None:
+            return
+        if self.tokenizer_hash:
+            h = tokenizer_hash(tokenizer)
+            if h != self.tokenizer_hash:
+                raise VocabMismatchError(
+                    f"{where} was built with tokenizer '{self.tokenizer_name}' (vocab size "
+                    f"{self.vocab_size}, hash {self.tokenizer_hash[:12]}) but the tokenizer in use is "
+                    f"'{name}' (vocab size {size}, hash {h[:12]}): same size, different tokens; {hint}"
+                )
+        elif name != self.tokenizer_name:
+            raise VocabMismatchError(
+                f"{where} was built with tokenizer '{self.tokenizer_name}' but the tokenizer in use is "
+                f"'{name}' (both vocab size {size}); {hint}"
+            )
+
+
+def _check_edges(edges: Sequence[float]) -> torch.Tensor:
+    e = torch.tensor([float(x) for x in edges], dtype=torch.float64)
+    if e.numel() == 0 or bool((e <= 0).any() | (e >= 1).any()) or bool((e[1:] <= e[:-1]).any()):
+        raise ValueError(f"bucket edges must be strictly increasing in (0, 1), got {list(edges)}")
+    return e
+
+
+# ----------------------------------------------------------------------------------------------
+# building
+
+
+def _iter_source_docs(
+    source: Any,
+    fields: list[str],
+    on_error: str,
+    text_unit: str,
+    stats: dict[str, int],
+) -> Iterator[str]:
+    """Documents of one source: a text/JSONL file path, a directory of them, or an iterable of str."""
+    if not isinstance(source, (str, os.PathLike)):
+        for i, doc in enumerate(source):
+            if not isinstance(doc, str):
+                raise TypeError(f"document {i} of an in-memory source is {type(doc).__name__}, not str")
+            yield doc
+        return
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _JSONL_SUFFIXES + _TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(f"no .jsonl/.txt files under {path}")
+        for p in files:
+            yield from _iter_source_docs(p, fields, on_error, text_unit, stats)
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file not found: {path}")
+    try:
+        if path.suffix in _JSONL_SUFFIXES:
+            with open(path, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                        if not isinstance(row, dict):
+                            raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+                        missing = [k for k in fields if row.get(k) is None]
+                        if missing:
+                            raise ValueError(f"missing field(s) {missing}")
+                        yield "\n".join(str(row[k]) for k in fields)
+                    except ValueError as e:  # json.JSONDecodeError is a ValueError
+                        if on_error == "raise":
+                            raise ValueError(f"{path}:{lineno}: malformed JSONL line: {e}") from None
+                        stats["skipped_lines"] += 1
+        elif text_unit == "file":
+            yield path.read_text(encoding="utf-8")
+        else:
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    line = line.rstrip("\r\n")
+                    if line.strip():
+                        yield line
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 ({e})") from None
+
+
+def build_frequency_table(
+    tokenizer: Any,
+    sources: str | os.PathLike | Iterable[Any],
+    *,
+    field: str = "text",
+    batch_size: int = 1000,
+    max_docs: int | None = None,
+    tokenizer_name: str | None = None,
+    on_error: str = "raise",
+    text_unit: str = "line",
+) -> FrequencyTable:
+    """Count the tokens of a corpus with `tokenizer` (no special tokens added).
+
+    `sources` is one source or a list of them. A source is a path (str/PathLike) to a JSONL file
+    (`.jsonl`/`.ndjson`: the value of `field`; "question,answer" joins several fields with a
+    newline), a text file (one document per non-empty line, or the whole file with
+    text_unit="file"), a directory of such files, or any other iterable of document strings.
+    Malformed JSONL lines raise ValueError with file:line, or are skipped and counted in
+    meta["skipped_lines"] with on_error="skip". The vocabulary size is len(tokenizer).
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if text_unit not in ("line", "file"):
+        raise ValueError(f"text_unit must be 'line' or 'file', got {text_unit!r}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    fields = [f.strip() for f in field.split(",") if f.strip()]
+    if not fields:
+        raise ValueError(f"empty field spec {field!r}")
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    sources = list(sources)
+
+    vocab_size = len(tokenizer)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    hasher = hashlib.sha256()
+    hasher.update(f"tokentrust-corpus-v1 fields={','.join(fields)}\n".encode())
+    stats = {"skipped_lines": 0}
+    num_docs = 0
+    descriptions = []
+
+    def flush(batch: list[str]) -> None:
+        ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        flat = np.fromiter((t for seq in ids for t in seq), dtype=np.int64)
+        if flat.size:
+            if int(flat.max()) >= vocab_size or int(flat.min()) < 0:
+                raise ValueError(f"tokenizer produced id {int(flat.max())} outside len(tokenizer)={vocab_size}")
+            counts[:] += np.bincount(flat, minlength=vocab_size)
+
+    batch: list[str] = []
+    done = False
+    for src in sources:
+        if isinstance(src, (str, os.PathLike)):
+            desc = str(src)
+            if Path(src).suffix in _JSONL_SUFFIXES or Path(src).is_dir():
+                desc += f"[{','.join(fields)}]"
+        else:
+            desc = f"<{type(src).__name__}>"
+        descriptions.append(desc)
+        for doc in _iter_source_docs(src, fields, on_error, text_unit, stats):
+            b = doc.encode("utf-8")
+            hasher.update(len(b).to_bytes(8, "little"))
+            hasher.update(b)
+            batch.append(doc)
+            num_docs += 1
+            if len(batch) >= batch_size:
+                flush(batch)
+                batch = []
+            if max_docs is not None and num_docs >= max_docs:
+                done = True
+                break
+        if done:
+            break
+    if batch:
+        flush(batch)
+
+    name = tokenizer_name or _tokenizer_display_name(tokenizer)
+    return FrequencyTable(
+        counts=torch.from_numpy(counts),
+        tokenizer_name=name,
+        vocab_size=vocab_size,
+        fingerprint=hasher.hexdigest(),
+        source="; ".join(descriptions),
+        tokenizer_hash=tokenizer_hash(tokenizer),
+        meta={
+            "num_docs": num_docs,
+            "skipped_lines": stats["skipped_lines"],
+            "field": ",".join(fields),
+            "max_docs": max_docs,
+            "text_unit": text_unit,
+        },
+    )
