@@ -1,0 +1,389 @@
+"""Metrics against hand-computed values and independently written formulas."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from tokentrust import metrics as M
+
+# ---------------------------------------------------------------------------------------------
+# accuracy
+
+
+def test_pass_at_k_hand_cases():
+    assert M.pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert M.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert M.pass_at_k(5, 0, 3) == 0.0
+    assert M.pass_at_k(5, 4, 2) == 1.0  # n - c = 1 < k
+    assert M.pass_at_k(5, 5, 5) == 1.0
+
+
+def test_pass_at_k_matches_binomial_formula():
+    for n in range(1, 13):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                ref = 1 - math.comb(n - c, k) / math.comb(n, k)
+                assert M.pass_at_k(n, c, k) == pytest.approx(ref, abs=1e-12)
+    # large n stays finite where the binomials would be astronomically large
+    assert M.pass_at_k(2000, 3, 100) == pytest.approx(
+        1 - math.comb(1997, 100) / math.comb(2000, 100)
+    )
+
+
+@pytest.mark.parametrize("n,c,k", [(5, 6, 1), (5, -1, 1), (5, 2, 0), (5, 2, 6)])
+def test_pass_at_k_rejects_invalid(n, c, k):
+    with pytest.raises(ValueError):
+        M.pass_at_k(n, c, k)
+
+
+def test_mean_at_k_and_greedy():
+    mat = [[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]]
+    assert M.mean_at_k(mat) == pytest.approx((0.25 + 1 + 0) / 3)
+    # ragged rows are averaged per problem first
+    assert M.mean_at_k([[1, 0], [1, 1, 1, 0]]) == pytest.approx((0.5 + 0.75) / 2)
+    assert M.greedy_pass_at_1([True, False, True, True]) == pytest.approx(0.75)
+    # pass@2 of the matrix rows: 1 - C(3,2)/C(4,2) = 0.5, 1, 0
+    assert M.mean_pass_at_k(mat, 2) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# stability
+
+
+def _records(**cols):
+    n = len(next(iter(cols.values())))
+    return [
+        {"step": i + 1, **{k.replace("__", "/"): v[i] for k, v in cols.items()}} for i in range(n)
+    ]
+
+
+def test_max_drawdown():
+    assert M.max_drawdown([1, 3, 2, 5, 1]) == 4.0
+    assert M.max_drawdown([0, 1, 1, 2, 3]) == 0.0
+    assert M.max_drawdown([5, 4, 3]) == 2.0
+    assert M.max_drawdown([2.0, float("nan"), 1.0]) == 1.0
+
+
+def test_reward_std_loss_var_and_diff_std():
+    recs = _records(reward__mean=[1.0, 2.0, 3.0, 4.0], loss__total=[1.0, 1.0, 3.0, 3.0])
+    assert M.reward_std(recs) == pytest.approx(math.sqrt(5 / 3))  # sample std of 1..4
+    assert M.loss_variance(recs) == pytest.approx(4 / 3)  # deviations +-1, sum sq 4, / 3
+    assert M.reward_diff_std(recs) == pytest.approx(0.0)  # a straight line has no step noise
+    # loss/total missing: falls back to loss/policy
+    assert M.loss_variance(_records(loss__policy=[0.0, 2.0])) == pytest.approx(2.0)
+    # non-finite and missing values are skipped
+    recs = _records(reward__mean=[1.0, float("nan"), 3.0, None])
+    assert M.reward_std(recs) == pytest.approx(math.sqrt(2.0))
+
+
+def test_grad_spike_count_hand_case():
+    norms = [1, 1, 1, 1, 1, 10, 1, 1, 1, 1, 4, 1]
+    # t=5: median(prev)=1, 10 > 3; t=10: window [10,1,1,1,1] median 1, 4 > 3
+    assert M.grad_spike_count(norms, factor=3.0, window=5, min_history=3) == 2
+    assert M.grad_spike_count(norms, factor=5.0, window=5, min_history=3) == 1
+    # too little history: the big first values are never judged
+    assert M.grad_spike_count([1, 100, 1, 1], factor=3.0, window=5, min_history=3) == 0
+    # non-finite norms always count
+    assert M.grad_spike_count([1, 1, 1, float("inf"), 1, float("nan")], min_history=3) == 2
+    assert M.grad_spike_count(np.ones(50)) == 0
+
+
+def test_grad_norm_p99_entropy_and_pi_mu():
+    recs = _records(actor__grad_norm=list(range(101)))
+    assert M.grad_norm_p99(recs) == pytest.approx(99.0)
+    recs = _records(actor__entropy=[2.0 - 0.01 * (i + 1) for i in range(30)])
+    e = M.entropy_trajectory(recs, window=10)
+    assert e["slope"] == pytest.approx(-0.01)
+    assert e["first"] == pytest.approx(np.mean([2.0 - 0.01 * s for s in range(1, 11)]))
+    assert e["last"] == pytest.approx(np.mean([2.0 - 0.01 * s for s in range(21, 31)]))
+    recs = _records(trust_region__abs_diff_mean=[0.1, 0.3])
+    assert M.mean_abs_pi_mu(recs) == pytest.approx(0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# rare tokens and diversity
+
+
+def test_bucket_shares_hand_case():
+    bucket_of = torch.tensor([0, 0, 1, 1, 2, 2])
+    ids = torch.tensor([0, 1, 2, 4, 4, 5, 0, 3])  # buckets 0,0,1,2,2,2,0,1
+    np.testing.assert_allclose(M.bucket_shares(ids, bucket_of, 4), [3 / 8, 2 / 8, 3 / 8, 0.0])
+    # nested lists and a mask over a padded tensor give the same answer
+    np.testing.assert_allclose(
+        M.bucket_shares([[0, 1, 2], [4, 4, 5, 0, 3]], bucket_of, 3), [3 / 8, 2 / 8, 3 / 8]
+    )
+    padded = torch.tensor([[0, 1, 2, 9, 9], [4, 4, 5, 0, 3]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    bucket_of10 = torch.tensor([0, 0, 1, 1, 2, 2, 0, 0, 0, 0])
+    np.testing.assert_allclose(
+        M.bucket_shares(padded, bucket_of10, 3, mask=mask), [3 / 8, 2 / 8, 3 / 8]
+    )
+    assert np.isnan(M.bucket_shares([], bucket_of, 3)).all()
+
+
+def test_distinct_rare_per_1k():
+    rare = torch.zeros(10, dtype=torch.bool)
+    rare[[5, 6, 7]] = True
+    # rare types used {5, 6, 7} = 3 over 6 tokens -> 500 per 1k
+    assert M.distinct_rare_per_1k([[5, 5, 6, 1], [5, 7]], rare) == pytest.approx(500.0)
+    assert M.distinct_rare_per_1k([[1, 2, 3, 4]], rare) == 0.0
+
+
+def test_distinct_n_token_ids_and_text():
+    seqs = [[1, 2, 3], [1, 2, 4]]
+    assert M.distinct_n(seqs, 1) == pytest.approx(4 / 6)
+    assert M.distinct_n(seqs, 2) == pytest.approx(3 / 4)  # (1,2) twice, (2,3), (2,4)
+    assert M.distinct_n(seqs, 3) == pytest.approx(1.0)
+    assert M.distinct_n([torch.tensor([7, 7, 7, 7])], 2) == pytest.approx(1 / 3)
+    assert M.distinct_n(["the cat sat", "the  cat ran\n"], 2) == pytest.approx(3 / 4)
+    assert M.distinct_n(["a b", "c"], 2) == pytest.approx(1.0)  # no bigram across texts
+    assert M.distinct_n(["a", "b"], 2) == 0.0
+    with pytest.raises(ValueError):
+        M.distinct_n(seqs, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# coherence
+
+
+class _Bigram(torch.nn.Module):
+    """logits(next | prev) = table[prev]: NLL is computable by hand."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table.clone())
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def test_sequence_nll_bigram_hand_computed():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(7, 7, generator=g)
+    model = _Bigram(table)
+    prompts = [[1, 2, 3], [4]]
+    responses = [[5, 6], [2, 2, 0]]
+    ref = []
+    for p, r in zip(prompts, responses, strict=True):
+        seq = p + r
+        for t in range(len(p), len(seq)):
+            row = table[seq[t - 1]].double()
+            ref.append(-(row[seq[t]] - torch.logsumexp(row, 0)).item())
+    expect = sum(ref) / len(ref)  # token-weighted mean over 5 response tokens
+    assert M.sequence_nll(model, prompts, responses, batch_size=1) == pytest.approx(
+        expect, rel=1e-5
+    )
+    assert M.sequence_nll(model, prompts, responses, batch_size=8) == pytest.approx(
+        expect, rel=1e-5
+    )
+    # explicit tensors with a response mask that hides the last token of the first row
+    pi = torch.tensor([[1, 2, 3], [0, 0, 4]])
+    pm = torch.tensor([[1, 1, 1], [0, 0, 1]])
+    ri = torch.tensor([[5, 6, 3], [2, 2, 0]])
+    rm = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert M.sequence_nll(model, pi, ri, rm, prompt_mask=pm) == pytest.approx(expect, rel=1e-5)
+
+
+def test_sequence_nll_left_padding_matches_unpadded():
+    # GPT-2 has absolute position embeddings, so wrong positions under left padding would show
+    # (a RoPE model would not notice a constant shift).
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=40,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = GPT2LMHeadModel(cfg)
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
+    responses = [[1, 2], [5, 6, 7, 8], [9]]
+    nll_sum, count = 0.0, 0
+    for p, r in zip(prompts, responses, strict=True):  # unpadded, one at a time
+        nll = M.sequence_nll(model, [p], [r])
+        nll_sum += nll * len(r)
+        count += len(r)
+    batched = M.sequence_nll(model, prompts, responses, batch_size=3)
+    assert batched == pytest.approx(nll_sum / count, rel=1e-4)
+    assert model.training  # mode restored
+
+
+# ---------------------------------------------------------------------------------------------
+# trust-region tables and correlations
+
+
+def test_bucket_table_averages_over_steps():
+    recs = [
+        {
+            "step": 1,
+            "trust_region/kept_frac/bucket_0": 0.9,
+            "trust_region/kept_frac/bucket_2": 0.5,
+            "trust_region/kept_frac/bucket_0/pos": 1.0,
+            "trust_region/delta_mean/bucket_1": 0.1,
+            "trust_region/kept_frac": 0.8,
+            "rare/share/bucket_0": 0.7,
+        },
+        {
+            "step": 2,
+            "trust_region/kept_frac/bucket_0": 0.7,
+            "trust_region/kept_frac/bucket_0/pos": 0.8,
+            "trust_region/delta_mean/bucket_1": float("nan"),
+        },
+    ]
+    t = M.bucket_table(recs, "trust_region")
+    assert set(t) == {"kept_frac", "kept_frac/pos", "delta_mean"}
+    np.testing.assert_allclose(t["kept_frac"], [0.8, np.nan, 0.5])
+    np.testing.assert_allclose(t["kept_frac/pos"], [0.9, np.nan, np.nan])
+    np.testing.assert_allclose(t["delta_mean"], [np.nan, 0.1, np.nan])
+    np.testing.assert_allclose(M.bucket_table(recs, "rare")["share"], [0.7])
+
+
+def test_pearson_and_spearman():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=50), rng.normal(size=50)
+    assert M.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
+    # no ties: 1 - 6 sum d^2 / (n (n^2 - 1)); d = [-1, 1, -1, 1, 0] -> 1 - 24 / 120
+    assert M.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    assert M.spearman(x, x**3) == pytest.approx(1.0)
+    assert M.spearman(x, -np.exp(x)) == pytest.approx(-1.0)
+    # ties get average ranks: x ranks [1, 2.5, 2.5, 4], y ranks [1, 3, 2, 4]
+    expect = np.corrcoef([1, 2.5, 2.5, 4], [1, 3, 2, 4])[0, 1]
+    assert M.spearman([1, 2, 2, 3], [10, 30, 20, 40]) == pytest.approx(expect)
+    assert math.isnan(M.pearson([1, 1, 1], [1, 2, 3]))
+
+
+# ---------------------------------------------------------------------------------------------
+# bootstrap
+
+
+def test_bootstrap_ci_normal_mean():
+    x = np.random.default_rng(1).normal(size=2000)
+    point, lo, hi = M.bootstrap_ci(x, n_boot=10000, seed=0)
+    assert point == pytest.approx(x.mean())
+    assert lo < 0 < hi
+    assert (hi - lo) == pytest.approx(2 * 1.96 / math.sqrt(2000), rel=0.15)
+    # deterministic for a given seed; median works through the axis= path
+    assert M.bootstrap_ci(x, n_boot=500, seed=3) == M.bootstrap_ci(x, n_boot=500, seed=3)
+    p, lo, hi = M.bootstrap_ci(x, stat=np.median, n_boot=500)
+    assert lo <= p <= hi
+
+
+def test_bootstrap_ci_edge_cases_and_custom_stat():
+    assert M.bootstrap_ci([2.5]) == (2.5, 2.5, 2.5)
+    assert all(math.isnan(v) for v in M.bootstrap_ci([]))
+    # a stat without axis= still works (called per resample)
+    p, lo, hi = M.bootstrap_ci([1.0, 2.0, 3.0, 4.0], stat=lambda a: float(max(a)), n_boot=300)
+    assert p == 4.0 and 1.0 <= lo <= hi <= 4.0
+    # two values: the resampled means are {a, (a+b)/2, b}, so the 95% CI is [a, b]
+    assert M.bootstrap_ci([1.0, 3.0], n_boot=4000)[1:] == (1.0, 3.0)
+
+
+def test_paired_diff_ci():
+    a = np.array([1.0, 2.0, 3.0, 4.0])
+    b = a - 0.5
+    assert M.paired_diff_ci(a, b, n_boot=200) == pytest.approx((0.5, 0.5, 0.5))
+    p, lo, hi = M.paired_diff_ci([1.0, 2.0, float("nan")], [0.0, 0.0, 5.0], n_boot=2000)
+    assert p == pytest.approx(1.5) and (lo, hi) == (1.0, 2.0)  # the NaN pair is dropped
+    with pytest.raises(ValueError):
+        M.paired_diff_ci([1.0], [1.0, 2.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# logs and summarize_run
+
+
+def _write_run(d, records, results=None, trailing="", done=True):
+    d.mkdir(parents=True)
+    with open(d / "metrics.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.write(trailing)
+    if results is not None:
+        (d / "eval").mkdir()
+        (d / "eval" / "results.json").write_text(json.dumps(results))
+    if done:
+        (d / "DONE").write_text("")
+
+
+def test_load_metrics_partial_line_and_resume(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text(
+        '{"step": 1, "x": 1}\n{"step": 2, "x": 2}\n{"step": 3, "x": 3}\n'
+        '{"step": 2, "x": 20}\n{"step": 3, "x": 30}\n{"step": 4, "x"'
+    )
+    recs = M.load_metrics(tmp_path)
+    assert [(r["step"], r["x"]) for r in recs] == [(1, 1), (2, 20), (3, 30)]
+    # a partial line that a resumed writer appended to, in the middle: skipped with a warning
+    p.write_text('{"step": 1, "x": 1}\n{"step": 2, "x"{"step": 2, "x": 2}\n')
+    with pytest.warns(UserWarning):
+        recs = M.load_metrics(p)
+    assert [r["step"] for r in recs] == [1]
+    assert M.load_metrics(tmp_path / "nope") == []
+
+
+def test_summarize_run(tmp_path):
+    reward = [0.1, 0.3, 0.2, 0.5, 0.1] + [0.4] * 10
+    norms = [1.0] * 10 + [50.0] + [1.0] * 4
+    recs = []
+    for i, (r, g) in enumerate(zip(reward, norms, strict=True)):
+        recs.append(
+            {
+                "step": i + 1,
+                "reward/mean": r,
+                "actor/grad_norm": g,
+                "loss/total": float(i),
+                "actor/entropy": 1.0,
+                "trust_region/kept_frac": 0.9,
+                "trust_region/kept_frac/bucket_0": 0.95,
+                "trust_region/kept_frac/bucket_3/neg": 0.5,
+                "rare/share/bucket_4": 0.01 * i,
+                "train/nonfinite_skipped": 1 if i == 3 else 0,
+            }
+        )
+    results = {
+        "greedy_pass@1": 0.25,
+        "mean@k": 0.2,
+        "pass@k": 0.6,
+        "k": 8,
+        "n": 8,
+        "coherence_nll": 1.5,
+        "rare_share": 0.03,
+        "distinct_2": 0.7,
+        "bucket_shares": [0.6, 0.3, 0.1],
+        "note": "text is ignored",
+    }
+    _write_run(tmp_path / "run", recs, results, trailing='{"step": 16, "rew')
+    s = M.summarize_run(tmp_path / "run")
+    assert s["train/steps"] == 15 and s["train/last_step"] == 15 and s["train/done"] == 1.0
+    assert s["stability/max_drawdown"] == pytest.approx(0.4)
+    assert s["stability/reward_std"] == pytest.approx(np.std(reward, ddof=1))
+    assert s["stability/grad_spikes"] == 1.0
+    assert s["stability/loss_var"] == pytest.approx(np.var(np.arange(15.0), ddof=1))
+    assert s["stability/nonfinite_skipped"] == 1.0
+    assert s["train/reward_first10"] == pytest.approx(np.mean(reward[:10]))
+    assert s["train/reward_last10"] == pytest.approx(0.4)
+    assert s["trust_region/kept_frac"] == pytest.approx(0.9)
+    assert s["trust_region/kept_frac/bucket_0"] == pytest.approx(0.95)
+    assert s["trust_region/kept_frac/bucket_3/neg"] == pytest.approx(0.5)
+    assert s["train/rare_last10/share/bucket_4"] == pytest.approx(0.01 * np.mean(range(5, 15)))
+    assert s["eval/greedy_pass@1"] == 0.25 and s["eval/mean@k"] == 0.2 and s["eval/pass@k"] == 0.6
+    assert s["eval/k"] == 8
+    assert s["coherence/nll"] == 1.5 and s["coherence/ppl"] == pytest.approx(math.exp(1.5))
+    assert s["rare/share_rare"] == 0.03 and s["rare/distinct_2"] == 0.7
+    assert s["rare/share/bucket_2"] == pytest.approx(0.1)
+    assert "eval/note" not in s
+    assert all(isinstance(v, float) for v in s.values())
+    # a run without eval results or DONE still summarizes
+    _write_run(tmp_path / "run2", recs[:3], done=False)
+    s2 = M.summarize_run(tmp_path / "run2")
+    assert s2["train/done"] == 0.0 and "eval/greedy_pass@1" not in s2
