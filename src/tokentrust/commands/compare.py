@@ -1,0 +1,42 @@
+"""``tokentrust compare``: a grid of methods x seeds and its report."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    from tokentrust.compare import GRID_PRESETS
+
+    p = subparsers.add_parser("compare", help="run a grid of methods x seeds and write report.md",
+                              description="Runs every (method, seed) with identical data order, rollout budget and "
+                                          "evaluation; finished runs are skipped and interrupted ones resumed.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=sorted(GRID_PRESETS), default=None, help="named grid (default: demo)")
+    src.add_argument("--config", default=None, help="grid file (JSON/TOML): preset|config, methods, seeds, overrides")
+    p.add_argument("--out", default=None, help="grid directory (default: runs/compare-<name>)")
+    p.add_argument("--workers", type=int, default=1, help="runs in parallel (threads are split between them)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of every run, e.g. --set max_steps=10")
+    p.add_argument("--list-methods", action="store_true", help="print the available methods and exit")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tokentrust.compare import METHODS, load_grid, run_grid
+    from tokentrust.config import parse_set
+
+    if args.list_methods:
+        for name, entry in METHODS.items():
+            print(f"{name:20s} {entry['family']:9s} {entry['description']}")
+        return 0
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    spec = load_grid(args.preset, args.config)
+    out = args.out or f"runs/compare-{spec['name']}"
+    command = "tokentrust " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    run_grid(spec, out, workers=args.workers, overrides=parse_set(args.overrides), command=command)
+    return 0

@@ -1,0 +1,55 @@
+"""``tokentrust eval``: greedy pass@1, mean@k and pass@k of any model on a task's test split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a model on gsm8k, math500 or arith")
+    p.add_argument("--model", required=True, help="hub id, local folder (e.g. RUN_DIR/final_model), 'smollm2' or 'tiny'")
+    p.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder")
+    p.add_argument("--task", required=True, choices=["gsm8k", "math500", "arith"])
+    p.add_argument("--data-dir", default=None, help="local data folder (default: ../shared/data/<task> or the hub)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=None, help="first N problems only")
+    p.add_argument("--samples", type=int, default=4, help="k samples per problem for mean@k / pass@k")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/eval", help="writes results.json and problems.jsonl here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tokentrust.config import resolve
+    from tokentrust.evaluate import evaluate
+    from tokentrust.models import load_model_and_tokenizer
+    from tokentrust.policy import build_policy
+    from tokentrust.tasks import get_task
+    from tokentrust.trainer import select_device
+
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    options = {"data_dir": args.data_dir} if args.data_dir else {}
+    task = get_task(args.task, **options)
+    task.examples(args.split)  # read and check the data before the (slow) model load
+    device = select_device(args.device)
+    if args.model == "tiny":
+        cfg = resolve(preset="tiny-arith", overrides={"task": {"name": args.task}})
+        model, tokenizer = build_policy(cfg, task, device)
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=str(device),
+                                                    gguf_file=args.gguf_file)
+    results = evaluate(model, tokenizer, task, out_dir=args.out, split=args.split, limit=args.limit,
+                       samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       seed=args.seed, batch_size=args.batch_size, backend=args.backend)
+    print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)}, indent=2))
+    print(f"wrote {args.out}/results.json and {args.out}/problems.jsonl")
+    return 0

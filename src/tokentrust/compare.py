@@ -1,0 +1,196 @@
+"""A grid of methods x seeds with identical data order, rollout budget and evaluation.
+
+Layout: ``GRID_DIR/grid.json`` (the resolved grid), ``GRID_DIR/runs/<method>/seed_<s>/`` (one run
+directory each). Rerunning a grid skips runs that finished (``DONE``), resumes runs that have a
+checkpoint and restarts the others, then rebuilds the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from tokentrust.config import ConfigError, deep_merge, load_file, resolve
+from tokentrust.runlog import atomic_write_json
+
+# Every method a grid may name. "family" groups them in the report: AV-DPPO variants are
+# what the hypotheses are about; everything else is a baseline.
+_AV = {"loss": "dppo-tv"}
+METHODS: dict[str, dict[str, Any]] = {
+    "ppo": {"algo": {"loss": "ppo", "eps_low": 0.2}, "family": "baseline", "description": "PPO ratio clip, eps 0.2"},
+    "clip-higher": {"algo": {"loss": "ppo", "eps_low": 0.2, "eps_high": 0.28}, "family": "baseline",
+                    "description": "DAPO clip-higher, eps 0.2 / 0.28"},
+    "dppo-tv": {"algo": {"loss": "dppo-tv", "delta": 0.15}, "family": "baseline", "description": "DPPO Binary-TV, delta 0.15"},
+    "dppo-kl": {"algo": {"loss": "dppo-kl", "delta": 0.05}, "family": "baseline", "description": "DPPO Binary-KL, delta 0.05"},
+    "dppo-topk-tv": {"algo": {"loss": "dppo-topk-tv", "delta": 0.15}, "family": "baseline",
+                     "description": "DPPO Top-K TV (K = 20), delta 0.15"},
+    "cppo": {"algo": {"loss": "cppo", "delta": 0.15}, "family": "baseline", "description": "CPPO, delta 0.15"},
+    "drpo": {"algo": {"loss": "drpo", "delta": 0.15}, "family": "baseline", "description": "DRPO soft region, delta 0.15"},
+}
+for _kind, _short in (("frequency", "freq"), ("batch-frequency", "batch"), ("entropy", "entropy"),
+                      ("combined", "combined")):
+    for _norm in (False, True):
+        _name = f"av-{_short}" + ("-norm" if _norm else "")
+        METHODS[_name] = {"algo": {**_AV, "delta": 0.15, "thresholds": {"kind": _kind, "beta": 0.5,
+                                                                          "normalize": _norm}},
+                          "family": "av-dppo",
+                          "description": f"AV-DPPO TV, {_kind} thresholds, beta 0.5" + (", mean-preserving" if _norm else "")}
+METHODS["av-freq-inverse"] = {"algo": {**_AV, "delta": 0.15, "thresholds": {"kind": "frequency", "beta": -0.5,
+                                                                             "normalize": True}},
+                              "family": "control", "description": "inverse control: beta -0.5 (tighter for rare tokens)"}
+
+GRID_PRESETS: dict[str, dict[str, Any]] = {
+    # README main job: ~15 minutes on 2 cores.
+    "demo": {"preset": "tiny-arith", "methods": ["ppo", "dppo-tv", "av-freq-norm"], "seeds": [0, 1],
+             "overrides": {"max_steps": 20, "task": {"eval_limit": 96, "eval_samples": 2}}},
+    # A few CPU hours: every baseline, every schedule, the inverse control, 3 seeds.
+    "cpu-study": {"preset": "tiny-arith",
+                  "methods": ["ppo", "clip-higher", "dppo-tv", "dppo-kl", "cppo", "drpo", "av-freq", "av-freq-norm",
+                              "av-batch-norm", "av-entropy-norm", "av-combined-norm", "av-freq-inverse"],
+                  "seeds": [0, 1, 2],
+                  "overrides": {"max_steps": 30, "task": {"eval_limit": 128, "eval_samples": 4}}},
+    # GPU: Qwen2.5-Math-1.5B on GSM8K; about 8 GPU-hours per run on one H100 (300 steps x 512 samples).
+    "gpu-study": {"preset": "qwen-math-gsm8k",
+                  "methods": ["ppo", "clip-higher", "dppo-tv", "dppo-kl", "dppo-topk-tv", "cppo", "drpo", "av-freq",
+                              "av-freq-norm", "av-batch-norm", "av-entropy-norm", "av-combined-norm", "av-freq-inverse"],
+                  "seeds": [0, 1, 2],
+                  "overrides": {"task": {"eval_limit": 1319, "eval_samples": 4}}},
+}
+
+
+def load_grid(preset: str | None = None, file: str | None = None) -> dict[str, Any]:
+    """A grid spec: {"preset"|"config", "methods": [names or {name: overrides}], "seeds", "overrides"}."""
+    if preset is None and file is None:
+        preset = "demo"
+    if preset is not None:
+        if preset not in GRID_PRESETS:
+            raise ConfigError(f"unknown grid preset {preset!r}; available: {', '.join(sorted(GRID_PRESETS))}")
+        spec = json.loads(json.dumps(GRID_PRESETS[preset]))
+        spec["name"] = preset
+    else:
+        spec = load_file(file)
+        spec.setdefault("name", Path(file).stem)
+    unknown = set(spec) - {"name", "preset", "config", "methods", "seeds", "overrides"}
+    if unknown:
+        raise ConfigError(f"unknown grid key(s) {sorted(unknown)}; known: preset, config, methods, seeds, overrides")
+    if not spec.get("methods"):
+        raise ConfigError("grid.methods must list at least one method")
+    if not spec.get("seeds") or not all(isinstance(s, int) for s in spec["seeds"]):
+        raise ConfigError(f"grid.seeds must be a non-empty list of integers, got {spec.get('seeds')}")
+    return spec
+
+
+def expand_methods(methods: list[Any]) -> dict[str, dict[str, Any]]:
+    """Method names (from METHODS) or {"name": ..., "algo": ..., "family": ...} dicts -> {name: entry}."""
+    out = {}
+    for m in methods:
+        if isinstance(m, str):
+            if m not in METHODS:
+                raise ConfigError(f"unknown method {m!r}; available: {', '.join(sorted(METHODS))}")
+            out[m] = json.loads(json.dumps(METHODS[m]))
+        elif isinstance(m, dict) and "name" in m:
+            entry = {k: v for k, v in m.items() if k != "name"}
+            entry.setdefault("family", "baseline")
+            out[m["name"]] = entry
+        else:
+            raise ConfigError(f"grid.methods entries must be names or {{'name': ..., 'algo': ...}}, got {m!r}")
+    return out
+
+
+def run_configs(spec: dict[str, Any], grid_dir: Path, overrides: dict[str, Any] | None = None) -> list[tuple[str, int, Any]]:
+    """Resolve every (method, seed) into a validated RunConfig (all before any run starts)."""
+    methods = expand_methods(spec["methods"])
+    base = deep_merge(spec.get("overrides", {}), overrides or {})
+    out = []
+    for name, entry in methods.items():
+        run_over = {k: v for k, v in entry.items() if k not in ("family", "description")}
+        for seed in spec["seeds"]:
+            over = deep_merge(deep_merge(base, run_over), {"seed": seed,
+                                                           "out_dir": str(grid_dir / "runs" / name / f"seed_{seed}")})
+            over.setdefault("log", {})["progress"] = False
+            cfg = resolve(preset=spec.get("preset"), file=spec.get("config"), overrides=over)
+            out.append((name, seed, cfg))
+    return out
+
+
+def run_status(run_dir: Path) -> str:
+    if (run_dir / "DONE").exists():
+        return "done"
+    if (run_dir / "checkpoints" / "LATEST").exists():
+        return "resume"
+    return "new"
+
+
+def _run_one(cfg: Any, status: str, threads: int) -> None:
+    """Run one configuration in a subprocess (isolation, parallelism, and crash containment)."""
+    run_dir = Path(cfg.out_dir)
+    if status == "new" and run_dir.exists():
+        shutil.rmtree(run_dir)  # a run that never checkpointed: start clean
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = run_dir.parent / f".{run_dir.name}.config.json"
+    atomic_write_json(cfg_file, cfg.to_dict())
+    cmd = [sys.executable, "-m", "tokentrust.cli", "train", "--out", str(run_dir)]
+    cmd += ["--resume"] if status == "resume" else ["--config", str(cfg_file)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENTRUST_THREADS=str(threads))
+    with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run {run_dir} failed (exit {proc.returncode}); see {run_dir.parent / (run_dir.name + '.log')}")
+
+
+def run_grid(spec: dict[str, Any], grid_dir: str | Path, *, workers: int = 1, overrides: dict[str, Any] | None = None,
+             command: str = "", build_report: bool = True) -> Path:
+    """Run (or finish) every run of the grid, then write the report."""
+    grid_dir = Path(grid_dir)
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    runs = run_configs(spec, grid_dir, overrides)
+    methods = expand_methods(spec["methods"])
+    atomic_write_json(grid_dir / "grid.json", {
+        "name": spec.get("name"), "command": command, "seeds": spec["seeds"],
+        "methods": {n: {"family": e.get("family", "baseline"), "description": e.get("description", ""),
+                        **e.get("algo", {})} for n, e in methods.items()},
+        "config": {"preset": spec.get("preset"), "config": spec.get("config"),
+                   "overrides": deep_merge(spec.get("overrides", {}), overrides or {})},
+        "resolved_example": runs[0][2].to_dict() if runs else {},
+    })
+    todo = [(n, s, c, run_status(Path(c.out_dir))) for n, s, c in runs]
+    pending = [t for t in todo if t[3] != "done"]
+    print(f"grid {spec.get('name')}: {len(runs)} runs, {len(runs) - len(pending)} already done, "
+          f"{len(pending)} to run with {workers} worker(s)", flush=True)
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+    t0 = time.time()
+    done = 0
+    failures = []
+
+    def work(item):
+        name, seed, cfg, status = item
+        start = time.time()
+        _run_one(cfg, status, threads)
+        return name, seed, status, time.time() - start
+
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+        futures = [pool.submit(work, t) for t in pending]
+        for fut in futures:
+            try:
+                name, seed, status, secs = fut.result()
+                done += 1
+                print(f"[{done}/{len(pending)}] {name} seed {seed} ({status}) finished in {secs:.0f}s "
+                      f"(elapsed {time.time() - t0:.0f}s)", flush=True)
+            except RuntimeError as e:
+                failures.append(str(e))
+                print(f"FAILED: {e}", flush=True)
+    if failures:
+        raise RuntimeError(f"{len(failures)} run(s) failed; rerun the same command to retry them. First: {failures[0]}")
+    if build_report:
+        from tokentrust.report import build_report as _build
+
+        path = _build(grid_dir, baseline="dppo-tv" if "dppo-tv" in methods else next(iter(methods)))
+        print(f"report: {path}")
+    return grid_dir

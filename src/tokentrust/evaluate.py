@@ -1,0 +1,115 @@
+"""Held-out evaluation: greedy pass@1, mean@k and unbiased pass@k, plus rare-token and coherence metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from tokentrust import metrics as M
+from tokentrust.prompting import format_prompt
+from tokentrust.runlog import atomic_write_json, atomic_write_text
+
+
+def _generate_all(rollout: Any, prompts: list[str], batch_size: int, *, greedy: bool, seed: int) -> list[Any]:
+    """Generate for every prompt in batches; returns one RolloutBatch per batch."""
+    out = []
+    device = next(rollout.model.parameters()).device if hasattr(rollout, "model") else torch.device("cpu")
+    for i in range(0, len(prompts), batch_size):
+        g = torch.Generator(device=device)
+        g.manual_seed(seed * 100_003 + i)
+        out.append(rollout.generate(prompts[i:i + batch_size], generator=g, greedy=greedy))
+    return out
+
+
+def _rows(batches: list[Any]) -> list[tuple[list[int], list[int], str]]:
+    """(prompt ids, response ids, text) per generated sequence, padding removed."""
+    rows = []
+    for b in batches:
+        for j in range(len(b)):
+            p = b.prompt_ids[j][b.prompt_mask[j].bool()].tolist()
+            r = b.response_ids[j][b.response_mask[j].bool()].tolist()
+            rows.append((p, r, b.response_texts[j]))
+    return rows
+
+
+def evaluate(model: torch.nn.Module, tokenizer: Any, task: Any, *, out_dir: str | Path | None = None,
+             split: str = "test", limit: int | None = None, samples: int = 4, max_new_tokens: int = 256,
+             temperature: float = 1.0, seed: int = 0, batch_size: int = 32, table: Any = None,
+             bucket_edges: Sequence[float] = (0.5, 0.8, 0.95, 0.99), system_prompt: str | None = None,
+             reference: torch.nn.Module | None = None, backend: str = "hf") -> dict[str, Any]:
+    """Evaluate ``model`` on ``task``'s ``split``; writes results.json and problems.jsonl to ``out_dir``.
+
+    Greedy decoding gives pass@1; ``samples`` draws at ``temperature`` give mean@k and the unbiased
+    pass@k (n = k samples). With a frequency ``table``: rare-token shares and distinct-n of the
+    sampled generations; with a ``reference`` model: their per-token NLL under it (coherence).
+    """
+    from tokentrust.rollout import make_rollout
+
+    t0 = time.time()
+    examples = task.examples(split)
+    if limit:
+        examples = examples[:limit]
+    if not examples:
+        raise ValueError(f"task {task.name!r} split {split!r} has no examples to evaluate")
+    prompts = [format_prompt(tokenizer, task, ex, system_prompt) for ex in examples]
+    was_training = model.training
+    model.eval()
+    rollout = make_rollout(backend, model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature)
+    greedy_rows = _rows(_generate_all(rollout, prompts, batch_size, greedy=True, seed=seed))
+    sample_rows = _rows(_generate_all(rollout, [p for p in prompts for _ in range(samples)], batch_size,
+                                      greedy=False, seed=seed + 1))
+    model.train(was_training)
+
+    greedy_ok = [task.score(text, ex).correct for (_, _, text), ex in zip(greedy_rows, examples)]
+    sample_ok = [[task.score(sample_rows[i * samples + j][2], ex).correct for j in range(samples)]
+                 for i, ex in enumerate(examples)]
+    results: dict[str, Any] = {
+        "task": task.name, "split": split, "n": samples, "k": samples, "num_problems": len(examples),
+        "greedy_pass@1": M.greedy_pass_at_1(greedy_ok),
+        "mean@k": M.mean_at_k(sample_ok),
+        "pass@1": M.mean_pass_at_k(sample_ok, 1),
+        "pass@k": M.mean_pass_at_k(sample_ok, samples),
+        "temperature": temperature, "max_new_tokens": max_new_tokens,
+    }
+    responses = [r for _, r, _ in sample_rows]
+    n_tokens = sum(len(r) for r in responses)
+    results["mean_length"] = n_tokens / max(len(responses), 1)
+    for n in (1, 2, 3):
+        results[f"distinct_{n}"] = M.distinct_n(responses, n)
+    if table is not None:
+        buckets = table.buckets(bucket_edges)
+        num_buckets = len(bucket_edges) + 2
+        rare_from = next((i for i, e in enumerate(bucket_edges) if e >= 0.95), len(bucket_edges))
+        rare_mask = buckets >= rare_from
+        flat = [t for r in responses for t in r]
+        shares = M.bucket_shares(flat, buckets, num_buckets)
+        results["bucket_shares"] = [float(s) for s in shares]
+        results["rare_share"] = float(shares[rare_from:].sum()) if flat else float("nan")
+        results["distinct_rare_per_1k"] = M.distinct_rare_per_1k(flat, rare_mask)
+    if reference is not None:
+        keep = [i for i, r in enumerate(responses) if r]
+        if keep:
+            results["coherence_nll"] = M.sequence_nll(reference, [sample_rows[i][0] for i in keep],
+                                                      [responses[i] for i in keep])
+    results["seconds"] = time.time() - t0
+
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i, ex in enumerate(examples):
+            rows = sample_rows[i * samples:(i + 1) * samples]
+            lines.append(json.dumps({
+                "id": ex.id, "question": ex.question, "gold": ex.answer,
+                "greedy": greedy_rows[i][2], "greedy_correct": bool(greedy_ok[i]),
+                "greedy_token_ids": greedy_rows[i][1],
+                "samples": [r[2] for r in rows], "samples_correct": [bool(c) for c in sample_ok[i]],
+                "sample_token_ids": [r[1] for r in rows],
+            }, ensure_ascii=False))
+        atomic_write_text(out / "problems.jsonl", "\n".join(lines) + "\n")
+        atomic_write_json(out / "results.json", results)
+    return results
