@@ -19,7 +19,7 @@ from tokentrust.config import resolve
 from tokentrust.runlog import read_jsonl
 from tokentrust.trainer import NONDETERMINISTIC_KEYS, Trainer, run_training
 
-STEPS = 6
+STEPS = 8
 
 
 def _det(records):
@@ -61,7 +61,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
                 if len(_complete_lines(run_dir / "metrics.jsonl")) > before:
                     break
                 time.sleep(0.05)
-            time.sleep(rng.uniform(0.0, 2.5))
+            time.sleep(rng.uniform(0.0, 0.6))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()

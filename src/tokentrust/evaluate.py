@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -58,7 +59,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: Any, *, out_dir: str 
     prompts = [format_prompt(tokenizer, task, ex, system_prompt) for ex in examples]
     was_training = model.training
     model.eval()
-    rollout = make_rollout(backend, model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature)
+    extra = {"workdir": tempfile.mkdtemp(prefix="tokentrust-vllm-")} if backend == "vllm" else {}
+    rollout = make_rollout(backend, model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, **extra)
     greedy_rows = _rows(_generate_all(rollout, prompts, batch_size, greedy=True, seed=seed))
     sample_rows = _rows(_generate_all(rollout, [p for p in prompts for _ in range(samples)], batch_size,
                                       greedy=False, seed=seed + 1))

@@ -18,7 +18,7 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(cache_dir or os.environ.get("TOKENTRUST_CACHE") or Path.home() / ".cache" / "tokentrust")
 
 
-def tiny_sft_pairs(task: Any, limit: int = 2000) -> list[tuple[str, str]]:
+def tiny_sft_pairs(task: Any, limit: int = 3000) -> list[tuple[str, str]]:
     """(prompt, worked solution) pairs from the task's training split, for the SFT warm start."""
     return [(task.prompt(ex), task.sft_text(ex)) for ex in task.examples("train")[:limit]]
 

@@ -132,6 +132,8 @@ class Trainer:
 
         self.task = get_task(cfg.task.name, **self._task_options())
         self.train_examples = self.task.examples("train")
+        if cfg.task.train_limit:
+            self.train_examples = self.train_examples[:cfg.task.train_limit]
         if not self.train_examples:
             raise ValueError(f"task {cfg.task.name!r} has no training examples")
         self.model, self.tokenizer = build_policy(cfg, self.task, self.device)

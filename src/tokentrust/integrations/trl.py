@@ -1,0 +1,201 @@
+"""tokentrust losses inside TRL (1.16): a ``GRPOTrainer`` subclass with our loss in ``_compute_loss``.
+
+    args = TokenTrustGRPOConfig(output_dir=..., loss_type="dapo", tokentrust_loss="dppo-tv",
+                                tokentrust_thresholds={"kind": "frequency", "table": "freq.safetensors"})
+    trainer = TokenTrustGRPOTrainer(model=..., reward_funcs=..., args=args, train_dataset=...)
+
+TRL has no loss registry; overriding ``_compute_loss`` is its own pattern for new losses
+(``trl/experimental/gmpo``). Everything else (generation, rewards, advantages, vLLM, accelerate /
+DeepSpeed / FSDP) stays TRL's. The loss is ``tokentrust.losses.get_loss(name)``.
+
+Anchor mu (``tokentrust_anchor``): "default" = ``sampling_per_token_logps`` (the log-probs vLLM
+returned while sampling; tokens it could not score fall back to the next choice), else
+``old_per_token_logps`` (TRL's recomputed policy; present when a generation batch is reused),
+else the detached current log-probs (ratio 1: one update per generation). "old" skips the vLLM
+log-probs. Because the ratio is taken against the sampler itself, TRL's extra vLLM importance
+sampling correction is not applied (it would count the sampler mismatch twice).
+
+Normalisation follows TRL's contract for ``loss_type``: "dapo" divides by the active-token count
+of the whole generation batch (per process, per accumulation window), "bnpo" by the local token
+count, "grpo" is a per-sequence token mean, "dr_grpo" divides by B * max_completion_length; the
+last three are divided by the gradient-accumulation steps.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from tokentrust.integrations import ThresholdSchedule, TokenTrustSettings
+from tokentrust.losses import get_loss
+
+SUPPORTED_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
+
+
+@dataclass
+class TokenTrustGRPOConfig(GRPOConfig):
+    """GRPOConfig plus the tokentrust loss settings (dict fields also accept a JSON string)."""
+
+    tokentrust_loss: str = "dppo-tv"
+    tokentrust_delta: float | None = None
+    tokentrust_params: dict | str | None = None
+    tokentrust_thresholds: dict | str | None = None
+    tokentrust_anchor: str = "default"
+
+    def tokentrust_settings(self) -> TokenTrustSettings:
+        def parse(x):
+            return json.loads(x) if isinstance(x, str) else dict(x or {})
+
+        return TokenTrustSettings.from_mapping({
+            "loss": self.tokentrust_loss, "delta": self.tokentrust_delta, "params": parse(self.tokentrust_params),
+            "thresholds": parse(self.tokentrust_thresholds), "anchor": self.tokentrust_anchor})
+
+
+class TokenTrustGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose policy loss is a tokentrust loss (optionally with AV-DPPO thresholds).
+
+    Settings come from ``tokentrust=`` (a TokenTrustSettings or dict) or a TokenTrustGRPOConfig.
+    """
+
+    def __init__(self, *args: Any, tokentrust: TokenTrustSettings | dict | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if tokentrust is not None:
+            self.tokentrust = TokenTrustSettings.from_mapping(tokentrust)
+        elif isinstance(self.args, TokenTrustGRPOConfig):
+            self.tokentrust = self.args.tokentrust_settings()
+        else:
+            self.tokentrust = TokenTrustSettings(loss="dppo-tv")
+        tt = self.tokentrust
+        if tt.loss is None:
+            raise ValueError("tokentrust.loss is required (a tokentrust.losses name)")
+        if tt.loss.startswith("dppo-topk"):
+            raise ValueError(f"{tt.loss} needs mu's top-K log-probs, which TRL does not record")
+        self.tokentrust_loss_fn = get_loss(tt.loss)  # raises with the list of names
+        self._tt_accepted = inspect.signature(self.tokentrust_loss_fn).parameters
+        problems = []
+        if self.loss_type not in SUPPORTED_LOSS_TYPES:
+            problems.append(f"loss_type={self.loss_type!r} (supported: {SUPPORTED_LOSS_TYPES})")
+        if self.importance_sampling_level != "token":
+            problems.append("importance_sampling_level='sequence'")
+        if self.top_entropy_quantile < 1.0:
+            problems.append("top_entropy_quantile < 1")
+        if self.off_policy_mask_threshold is not None:
+            problems.append("off_policy_mask_threshold")
+        if self._entropy_bonus_enabled:
+            problems.append("an entropy bonus")
+        if problems:
+            raise ValueError("TokenTrustGRPOTrainer does not support " + ", ".join(problems))
+        model_vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        self.tokentrust_schedule = ThresholdSchedule(tt.thresholds, vocab_size=model_vocab)
+        if tt.thresholds.table:
+            from tokentrust.vocab import FrequencyTable
+
+            tok = getattr(self.processing_class, "tokenizer", self.processing_class)
+            FrequencyTable.load(tt.thresholds.table, tokenizer=tok)  # VocabMismatchError if built for another
+
+    # -- pieces of _compute_loss -----------------------------------------------------------------
+
+    def _tokentrust_anchor(self, inputs: dict, per_token_logps: torch.Tensor) -> torch.Tensor:
+        """mu: sampler log-probs, else TRL's old log-probs, else the detached current ones."""
+        fallback = inputs.get("old_per_token_logps")
+        fallback = per_token_logps.detach() if fallback is None else fallback
+        sampling = inputs.get("sampling_per_token_logps")
+        if self.tokentrust.anchor == "old" or sampling is None:
+            return fallback
+        return torch.where(torch.isnan(sampling), fallback, sampling)
+
+    def _tokentrust_agg(self, inputs: dict, batch_size: int, mode: str) -> tuple[dict[str, Any], float]:
+        """(aggregate keywords, divisor applied after the loss) for TRL's loss_type contract."""
+        accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type == "dapo":
+            n = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                n = n * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            return {"agg": "token-mean", "global_tokens": n}, 1.0
+        if self.loss_type == "bnpo":
+            return {"agg": "token-mean"}, accum
+        if self.loss_type == "grpo":
+            return {"agg": "seq-mean-token-mean", "global_seqs": float(batch_size)}, accum
+        return {"agg": "seq-mean-token-sum-norm", "global_seqs": float(batch_size),
+                "horizon": self.max_completion_length}, accum  # dr_grpo
+
+    def _tokentrust_kwargs(self, inputs: dict, mask: torch.Tensor, completion_ids: torch.Tensor,
+                           entropies: torch.Tensor | None, mode: str) -> tuple[dict[str, Any], float]:
+        tt = self.tokentrust
+        agg, divisor = self._tokentrust_agg(inputs, mask.shape[0], mode)
+        kwargs: dict[str, Any] = {**agg}
+        accepted = self._tt_accepted
+        if "eps_low" in accepted:
+            kwargs.update(eps_low=self.epsilon_low, eps_high=self.epsilon_high)
+        if "delta" in accepted:
+            if tt.delta is not None or not self.tokentrust_schedule.constant:
+                base = tt.delta if tt.delta is not None else accepted["delta"].default
+                delta: float | torch.Tensor = base
+                if not self.tokentrust_schedule.constant:
+                    ent = None if entropies is None else entropies.detach()
+                    delta = base * self.tokentrust_schedule.scale(completion_ids, mask, ent).to(mask.device)
+                kwargs["delta"] = delta
+        elif not self.tokentrust_schedule.constant:
+            raise ValueError(f"tokentrust loss {tt.loss!r} has no per-token delta for a threshold schedule")
+        kwargs.update(tt.params)
+        return kwargs, divisor
+
+    # -- the loss --------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{k: inputs.get(k) for k in ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
+                                          "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
+                                          "mm_token_type_ids", "image_position_ids")})
+        mode = "train" if self.model.training else "eval"
+        behavior = self._tokentrust_anchor(inputs, per_token_logps)
+        kwargs, divisor = self._tokentrust_kwargs(inputs, mask, completion_ids, entropies, mode)
+        out = self.tokentrust_loss_fn(per_token_logps, behavior, inputs["advantages"], mask.bool(), **kwargs)
+        loss = out.loss
+        if self.beta != 0.0:  # k3 KL to the reference model, aggregated like the policy loss (as TRL does)
+            from tokentrust.losses import aggregate
+
+            ref = inputs["ref_per_token_logps"]
+            kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
+            if self.args.use_bias_correction_kl:
+                kl = kl * torch.exp(per_token_logps - behavior).detach()
+            agg = {k: v for k, v in kwargs.items() if k in ("agg", "global_tokens", "global_seqs", "horizon")}
+            kl_loss = aggregate(kl, mask.bool(), **agg)
+            loss = loss + self.beta * kl_loss
+            self._metrics[mode]["kl"].append(self._tt_global_mean(kl, mask))
+        loss = loss / divisor
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / divisor
+        self._metrics[mode]["entropy"].append(self._tt_global_mean(entropies, mask))
+        self._tt_log(out.metrics, mode, per_token_logps.device)
+        return loss
+
+    # -- logging ---------------------------------------------------------------------------------
+
+    def _tt_global_mean(self, x: torch.Tensor, mask: torch.Tensor) -> float:
+        m = mask.to(x.dtype)
+        totals = self.accelerator.reduce(torch.stack([(x.detach() * m).sum(), m.sum()]), reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+    def _tt_log(self, metrics: dict[str, float], mode: str, device: torch.device) -> None:
+        """Our loss metrics next to TRL's, as trust_region/<name>, averaged over processes."""
+        names = sorted(metrics)
+        vals = torch.tensor([float(metrics[k]) for k in names], device=device)
+        vals = self.accelerator.gather(vals[None]).float().nanmean(0)
+        for k, v in zip(names, vals.tolist()):
+            self._metrics[mode][f"trust_region/{k}"].append(v)
+
+
+__all__ = ["SUPPORTED_LOSS_TYPES", "TokenTrustGRPOConfig", "TokenTrustGRPOTrainer"]

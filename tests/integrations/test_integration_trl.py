@@ -1,0 +1,187 @@
+"""TRL adapter: TokenTrustGRPOTrainer trains on CPU, computes exactly our loss on TRL's inputs,
+and with ``ppo`` reproduces TRL's own clipped loss (value and gradient) for every loss_type.
+
+Runs only where TRL is installed (see scripts/setup_integrations.sh). The model and tokenizer are
+built locally (random tiny Llama, byte-level BPE): nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytest.importorskip("trl")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from trl import GRPOTrainer  # noqa: E402
+
+from tokentrust.integrations.trl import TokenTrustGRPOConfig, TokenTrustGRPOTrainer  # noqa: E402
+from tokentrust.models import build_tiny_model, train_bpe_tokenizer  # noqa: E402
+from tokentrust.vocab import FrequencyTable, tokenizer_hash  # noqa: E402
+
+DATA = Dataset.from_dict({"prompt": [f"the cat {i} sat" for i in range(16)]})
+
+
+def length_reward(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model dir, tokenizer): a 1-layer random Llama saved locally."""
+    tok = train_bpe_tokenizer([f"the cat {i} sat on the mat" for i in range(200)], vocab_size=300)
+    model = build_tiny_model(tok, hidden=32, layers=1, heads=2, intermediate=64, seed=0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path), tok
+
+
+def make_trainer(tiny, tmp_path, cls=TokenTrustGRPOTrainer, **cfg):
+    path, tok = tiny
+    base = dict(output_dir=str(tmp_path / "out"), use_cpu=True, per_device_train_batch_size=4, num_generations=4,
+                max_completion_length=8, max_steps=2, report_to="none", logging_steps=1, save_strategy="no",
+                bf16=False, seed=0, learning_rate=5e-3)
+    base.update(cfg)
+    return cls(model=path, reward_funcs=length_reward, args=TokenTrustGRPOConfig(**base), train_dataset=DATA,
+               processing_class=tok)
+
+
+def dppo_tv_reference(logp, mu, adv, mask, delta, n):
+    """DPPO Binary-TV loss value written from the paper's rule: -sum_t M_t r_t A_t / n."""
+    r = (logp - mu).exp()
+    a = adv[:, None].expand_as(logp)
+    pi, m = logp.exp(), mu.exp()
+    masked = ((a > 0) & (pi - m > delta)) | ((a < 0) & (m - pi > delta))
+    keep = mask.bool() & ~masked
+    return -(keep * r * a).sum() / n, keep
+
+
+def synthetic_inputs(trainer, seed: int, noise: float = 0.4) -> dict:
+    """A TRL-shaped inputs dict: padded prompts/completions, group advantages, old log-probs off by noise."""
+    g = torch.Generator().manual_seed(seed)
+    B, P, C = 8, 4, 7
+    V = trainer.model.config.vocab_size
+    prompt_ids = torch.randint(3, V, (B, P), generator=g)
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[::3, :2] = 0  # left padding
+    completion_ids = torch.randint(3, V, (B, C), generator=g)
+    lengths = torch.randint(1, C + 1, (B,), generator=g)
+    lengths[1] = 0  # an empty completion: loss types differ in whether it counts
+    completion_mask = (torch.arange(C)[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        logp = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1),
+            C)[0]
+    old = logp + noise * torch.randn(B, C, generator=g)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+            "completion_mask": completion_mask, "advantages": torch.randn(B, generator=g),
+            "old_per_token_logps": old, "num_items_in_batch": completion_mask.sum().float()}
+
+
+def loss_and_grads(fn, trainer, inputs):
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    loss = fn(trainer, trainer.model, inputs)
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+# ------------------------------------------------------------------------------------ tests
+
+
+def test_two_training_steps_compute_our_loss(tiny, tmp_path):
+    """Two real GRPO steps on CPU; at every micro-step the loss equals the DPPO-TV formula on the
+    captured inputs, and our metrics are logged next to TRL's."""
+    records = []
+
+    class Capturing(TokenTrustGRPOTrainer):
+        def _compute_loss(self, model, inputs):
+            loss = super()._compute_loss(model, inputs)
+            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+            am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+            with torch.no_grad():
+                logp = self._get_per_token_logps_and_entropies(model, ids, am, inputs["completion_ids"].size(1))[0]
+            records.append((loss.detach(), logp, {k: v for k, v in inputs.items() if torch.is_tensor(v)}))
+            return loss
+
+    # num_iterations=2: the second pass reuses the batch, so old_per_token_logps exist and r != 1
+    trainer = make_trainer(tiny, tmp_path, cls=Capturing, num_iterations=2, tokentrust_loss="dppo-tv",
+                           tokentrust_delta=0.001, learning_rate=2e-2)  # pi ~ 1/V: a small delta bites
+    trainer.train()
+    assert len(records) == 2
+    moved = masked = 0
+    for loss, logp, inp in records:
+        mask = inp["completion_mask"]
+        assert float(inp["num_items_in_batch"]) == float(mask.sum())  # one process, one micro-batch
+        mu = inp.get("old_per_token_logps", logp)
+        ref, keep = dppo_tv_reference(logp, mu, inp["advantages"], mask, 0.001, inp["num_items_in_batch"])
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+        moved += int((logp - mu).abs().max() > 1e-4)
+        masked += int((mask.bool() & ~keep).sum())
+    assert moved >= 1 and masked >= 1  # pi != mu and the mask bites: the comparison exercises both
+    logged = trainer.state.log_history[0]
+    assert {"trust_region/kept_frac", "trust_region/masked_frac", "entropy", "reward"} <= set(logged)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo", "dr_grpo"])
+def test_ppo_matches_trl_clipped_loss(tiny, tmp_path, loss_type):
+    """tokentrust 'ppo' with TRL's epsilons = TRL's own _compute_loss: same value, same gradient."""
+    trainer = make_trainer(tiny, tmp_path, tokentrust_loss="ppo", epsilon=0.2, epsilon_high=0.28,
+                           loss_type=loss_type)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2  # exercise the accumulation divisors too
+    inputs = synthetic_inputs(trainer, seed=11)
+    ours, g_ours = loss_and_grads(TokenTrustGRPOTrainer._compute_loss, trainer, inputs)
+    theirs, g_theirs = loss_and_grads(GRPOTrainer._compute_loss, trainer, inputs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    clipped = trainer._metrics["train"]["clip_ratio/region_mean"][-1]
+    assert 0 < clipped < 1  # TRL itself reports clipping on these inputs
+    assert trainer._metrics["train"]["trust_region/masked_frac"][-1] == pytest.approx(clipped, abs=1e-6)
+
+
+def test_frequency_thresholds_and_sampling_anchor(tiny, tmp_path):
+    """AV-DPPO thresholds from a frequency table; mu = vLLM-style sampling log-probs (NaN -> old)."""
+    path, tok = tiny
+    V = len(tok)
+    counts = (torch.arange(V, dtype=torch.int64) % 17) ** 3
+    table = tmp_path / "freq.safetensors"
+    FrequencyTable(counts=counts, tokenizer_name="tiny", vocab_size=V, fingerprint="f", source="test",
+                   tokenizer_hash=tokenizer_hash(tok)).save(table)
+    beta, s_min, s_max, delta = 0.8, 0.1, 10.0, 0.001  # random model: pi ~ 1/V
+    trainer = make_trainer(tiny, tmp_path, tokentrust_loss="dppo-tv", tokentrust_delta=delta,
+                           tokentrust_thresholds={"kind": "frequency", "beta": beta, "s_min": s_min, "s_max": s_max,
+                                                  "table": str(table)})
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = synthetic_inputs(trainer, seed=5, noise=0.0)
+    g = torch.Generator().manual_seed(6)
+    sampling = inputs["old_per_token_logps"] + 0.5 * torch.randn(inputs["old_per_token_logps"].shape, generator=g)
+    sampling[0, 0] = float("nan")  # a token the sampler could not score
+    inputs["sampling_per_token_logps"] = sampling
+    loss = TokenTrustGRPOTrainer._compute_loss(trainer, trainer.model, inputs).detach()
+
+    with torch.no_grad():
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        logp = trainer._get_per_token_logps_and_entropies(trainer.model, ids, am, inputs["completion_ids"].size(1))[0]
+    mu = torch.where(sampling.isnan(), inputs["old_per_token_logps"], sampling)
+    f = (counts.double() + 1) / (counts.sum() + V)
+    rho = -f.log()
+    rho_ref = float((counts.double() / counts.sum() * rho).sum())
+    scale = torch.tensor([[min(max(math.exp(beta * (float(rho[t]) - rho_ref)), s_min), s_max) for t in row]
+                          for row in inputs["completion_ids"].tolist()])
+    n = inputs["num_items_in_batch"]
+    ref, keep = dppo_tv_reference(logp, mu, inputs["advantages"], inputs["completion_mask"], delta * scale, n)
+    torch.testing.assert_close(loss, ref.float(), rtol=1e-5, atol=1e-7)
+    _, keep_const = dppo_tv_reference(logp, mu, inputs["advantages"], inputs["completion_mask"], delta, n)
+    assert not torch.equal(keep, keep_const)  # the schedule changed the kept set
+
+
+def test_unsupported_settings_are_rejected(tiny, tmp_path):
+    with pytest.raises(ValueError, match="loss_type='sapo'"):
+        make_trainer(tiny, tmp_path, loss_type="sapo")
+    with pytest.raises(ValueError, match="unknown loss"):
+        make_trainer(tiny, tmp_path, tokentrust_loss="nope")
