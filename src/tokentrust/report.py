@@ -309,7 +309,7 @@ def _verdict_paragraph(
         f"`{baseline}`; paired differences method − baseline over {n_seeds} seed(s), {level} "
         "percentile-bootstrap CIs; a hypothesis is SUPPORTED when a CI excludes 0 in the "
         "favourable direction and none in the unfavourable one, CONTRADICTED in the mirror case, "
-        "INCONCLUSIVE otherwise): "
+        f"INCONCLUSIVE otherwise, and always INCONCLUSIVE with fewer than {MIN_PAIRS} paired seeds): "
     )
     return head + " ".join(parts)
 
@@ -473,7 +473,8 @@ def build_report(
     caveat = (
         f"Sample size: {n_runs} run(s), {n_seeds} seed(s) per method at most. Percentile bootstrap "
         "CIs over so few seeds are narrow and undercover (with 2 seeds the CI of a paired mean is "
-        "just the range of the two differences), so these verdicts are exploratory; the 'wins' "
+        f"just the range of the two differences, hence no verdict below {MIN_PAIRS} seeds), so these "
+        "verdicts are exploratory; the 'wins' "
         "column shows in how many seeds the method beat the baseline. `stability/reward_std` "
         "includes the learning trend (a method that improves faster has a larger value); "
         "`stability/reward_diff_std` removes it."

@@ -308,19 +308,15 @@ class Trainer:
         """ppo_epochs x minibatches optimizer steps on one scored batch."""
         cfg = self.cfg
         n = len(data.batch)
-        sums: dict[str, float] = defaultdict(float)
+        mean = _RunningMean()
         bucket = _BucketStats(self.num_buckets, self.device)
-        count = 0
         self.model.train()
         gen = step_generator(cfg.seed, step, salt=29)
         for _ in range(cfg.optim.ppo_epochs):
             perm = torch.randperm(n, generator=gen).tolist()
             for idx in _split(perm, cfg.optim.minibatches):
-                metrics = self._optimizer_step(data, idx, bucket, timings)
-                for k, v in metrics.items():
-                    sums[k] += v
-                count += 1
-        out = {k: v / max(count, 1) for k, v in sums.items()}
+                mean.add(self._optimizer_step(data, idx, bucket, timings))
+        out = mean.result()
         out.update(bucket.metrics())
         return out
 
@@ -337,7 +333,8 @@ class Trainer:
         if cfg.algo.agg == "seq-mean-token-sum-norm":
             norm["horizon"] = cfg.rollout.max_new_tokens
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, float] = defaultdict(float)  # losses: micro-batch parts of one normalised loss add up
+        tr_mean = _RunningMean()  # diagnostics: token-count-weighted mean over micro-batches
         size = cfg.optim.micro_batch_size or len(idx)
         micro = [idx[i:i + size] for i in range(0, len(idx), size)]
         for part in micro:
@@ -367,11 +364,9 @@ class Trainer:
             t3 = time.perf_counter()
             timings["forward_backward"] += (t1 - t0) + (t3 - t2)
             timings["loss"] += t2 - t1
-            weight = len(part) / len(idx)
             sums["loss/policy"] += out.loss.item()
             sums["loss/total"] += loss.item()
-            for k, v in out.metrics.items():
-                sums[f"trust_region/{k}"] += v * weight
+            tr_mean.add({f"trust_region/{k}": v for k, v in out.metrics.items()}, weight=len(part))
             bucket.add(self.bucket_of[mb.response_ids], out.keep, mask, mb_advantages(data, part, mask),
                        params.get("delta"))
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
@@ -391,7 +386,7 @@ class Trainer:
                                      f"loss or gradient (last loss {sums['loss/total']}, grad norm {float(grad_norm)}); "
                                      "stopping. Lower optim.lr or check the data; see optim.max_nonfinite_steps.")
         sums["actor/grad_norm"] = float(grad_norm)
-        return dict(sums)
+        return {**sums, **tr_mean.result()}
 
     def _apply_lr(self) -> None:
         w = self.cfg.optim.warmup_steps
@@ -527,6 +522,24 @@ def mb_advantages(data: StepData, part: list[int], mask: torch.Tensor) -> torch.
 def _split(items: list[int], parts: int) -> list[list[int]]:
     size = math.ceil(len(items) / parts)
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+class _RunningMean:
+    """Weighted mean per key that skips NaN values (a metric undefined for one part, e.g. no A < 0)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+
+    def add(self, values: dict[str, float], weight: float = 1.0) -> None:
+        for k, v in values.items():
+            self.weights[k] += 0.0
+            if v is not None and math.isfinite(v):
+                self.sums[k] += v * weight
+                self.weights[k] += weight
+
+    def result(self) -> dict[str, float]:
+        return {k: (self.sums[k] / w if w > 0 else float("nan")) for k, w in self.weights.items()}
 
 
 class _BucketStats:

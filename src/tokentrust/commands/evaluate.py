@@ -13,6 +13,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder")
     p.add_argument("--task", required=True, choices=["gsm8k", "math500", "arith"])
     p.add_argument("--data-dir", default=None, help="local data folder (default: ../shared/data/<task> or the hub)")
+    p.add_argument("--task-option", dest="task_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="task constructor option, e.g. --task-option steps=1 --task-option max_operand=10 (arith)")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None, help="first N problems only")
     p.add_argument("--samples", type=int, default=4, help="k samples per problem for mean@k / pass@k")
@@ -28,7 +30,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokentrust.config import resolve
+    from tokentrust.config import parse_set, resolve
     from tokentrust.evaluate import evaluate
     from tokentrust.models import load_model_and_tokenizer
     from tokentrust.policy import build_policy
@@ -37,13 +39,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
-    options = {"data_dir": args.data_dir} if args.data_dir else {}
+    options = parse_set(args.task_options)
+    if args.data_dir:
+        options["data_dir"] = args.data_dir
     task = get_task(args.task, **options)
     task.examples(args.split)  # read and check the data before the (slow) model load
     device = select_device(args.device)
-    if args.model == "tiny":
-        cfg = resolve(preset="tiny-arith", overrides={"task": {"name": args.task}})
-        model, tokenizer = build_policy(cfg, task, device)
+    if args.model == "tiny":  # the tiny-arith warm start (built for the arith task)
+        cfg = resolve(preset="tiny-arith")
+        task_for_model = get_task("arith", **cfg.task.options)
+        model, tokenizer = build_policy(cfg, task_for_model, device)
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=str(device),
                                                     gguf_file=args.gguf_file)

@@ -131,8 +131,8 @@ def standard_metrics(x: PolicyInputs, keep: torch.Tensor, is_cap: float | None,
     inf = torch.finfo(m.dtype).max
     vals = [
         (k * m).sum() / n,
-        (k * pos).sum() / pos.sum().clamp(min=1.0),
-        (k * neg).sum() / neg.sum().clamp(min=1.0),
+        (k * pos).sum() / pos.sum(),  # NaN (logged as null) when no token has that sign
+        (k * neg).sum() / neg.sum(),
         (abs_diff * m).sum() / n,
         torch.where(x.mask, abs_diff, -inf).max() if x.mask.any() else m.sum() * 0,
         (x.ratio * m).sum() / n,
