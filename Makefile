@@ -21,11 +21,11 @@ run: install
 	$(BIN)/tokentrust compare --preset demo --out runs/demo
 
 test: install
-	$(BIN)/python -m pytest -q tests --ignore=tests/integrations
+	$(BIN)/python -m pytest tests --ignore=tests/integrations
 
 test-integrations:
 	bash scripts/setup_integrations.sh
-	.venv-integrations/bin/python -m pytest -q tests/integrations
+	.venv-integrations/bin/python -m pytest tests/integrations
 
 bench: install
 	$(BIN)/python benchmarks/loss_overhead.py

@@ -42,11 +42,15 @@ def _start(cfg_file, run_dir, resume):
 
 def test_sigkill_at_random_moments_then_resume(tmp_path):
     over = tiny_overrides(tmp_path / "ref", max_steps=STEPS, log={"checkpoint_every": 2, "keep_checkpoints": 2})
-    reference = run_training(resolve(overrides=over), quiet=True, evaluate_at_end=False)
-    ref = _det(read_jsonl(reference / "metrics.jsonl"))
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(over))
+    # the reference goes through the same entry point (a CLI subprocess), uninterrupted
+    proc = _start(cfg_file, tmp_path / "ref", resume=False)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    ref = _det(read_jsonl(tmp_path / "ref" / "metrics.jsonl"))
 
     run_dir = tmp_path / "killed"
-    cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(dict(over, out_dir=str(run_dir))))
     rng = random.Random(1234)
     kills = 0
@@ -80,7 +84,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     assert kills >= 1
     got = _det(read_jsonl(run_dir / "metrics.jsonl"))
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    assert got == ref
+    diffs = [(r["step"], k, r.get(k), g.get(k)) for r, g in zip(ref, got) for k in set(r) | set(g) if r.get(k) != g.get(k)]
+    assert not diffs, diffs[:10]
 
 
 def test_interrupted_checkpoint_write_is_never_resumed(tmp_path):
