@@ -28,11 +28,11 @@ def binary_tv(x: PolicyInputs) -> torch.Tensor:
 def binary_kl(x: PolicyInputs) -> torch.Tensor:
     """KL(Bernoulli(mu_t) || Bernoulli(pi_t)), computed in log space."""
     logp, logmu = x.logp.detach(), x.behavior_logp
-    # log(1 - p) = log(-expm1(log p)); the clamp keeps p = 1 finite (1 - p >= ~1e-7 in float32).
-    one_minus_mu = -torch.expm1(logmu.clamp(max=-1e-7))
-    one_minus_pi = -torch.expm1(logp.clamp(max=-1e-7))
-    kl = x.mu * (logmu - logp) + one_minus_mu * (one_minus_mu.log() - one_minus_pi.log())
-    return kl.clamp(min=0.0)
+    # (1-mu) log((1-mu)/(1-pi)) = (1-mu) log1p((pi-mu)/(1-pi)): one log instead of two, and the
+    # clamp keeps pi -> 1 finite. Cheap matters: this runs on every token of every update.
+    # In-place on fresh temporaries: the result is >= 0 up to rounding, which no delta > 0 notices.
+    tail = (x.pi - x.mu).div_((1 - x.pi).clamp_(min=1e-7)).log1p_().mul_(1 - x.mu)
+    return (logmu - logp).mul_(x.mu).add_(tail)
 
 
 def topk_divergence(behavior_topk_logp: torch.Tensor, topk_logp: torch.Tensor, kind: str) -> torch.Tensor:
