@@ -19,7 +19,8 @@ def _deterministic(records):
     return [{k: v for k, v in r.items() if not k.startswith(NONDETERMINISTIC_KEYS)} for r in records]
 
 
-@pytest.mark.parametrize("algo", [{"loss": "ppo"}, {"loss": "dppo-tv"}, AV], ids=["ppo", "dppo-tv", "av-dppo"])
+@pytest.mark.parametrize("algo", [{"loss": "ppo"}, {"loss": "dppo-tv"}, AV, {"loss": "cppo"}],
+                         ids=["ppo", "dppo-tv", "av-dppo", "cppo"])
 def test_two_steps_write_metrics_config_checkpoint(tmp_path, algo):
     out = run_training(resolve(overrides=tiny_overrides(tmp_path / "run", algo=algo)), quiet=True)
     records = read_jsonl(out / "metrics.jsonl")

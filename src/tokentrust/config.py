@@ -18,6 +18,7 @@ from typing import Any
 
 from tokentrust.thresholds import KINDS as THRESHOLD_KINDS
 
+PER_TOKEN_DELTA_LOSSES = ("dppo-tv", "dppo-kl", "dppo-topk-tv", "dppo-topk-kl", "drpo")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
@@ -343,8 +344,9 @@ def validate(cfg: RunConfig) -> None:
     _check(th.s_min > 0, f"algo.thresholds.s_min must be > 0, got {th.s_min}")
     _check(th.s_min <= th.s_max, f"algo.thresholds.s_min ({th.s_min}) must be <= s_max ({th.s_max})")
     _check(0 <= th.ema < 1, f"algo.thresholds.ema must be in [0, 1), got {th.ema}")
-    _check(th.kind == "constant" or "delta" in accepted,
-           f"algo.thresholds.kind={th.kind!r} needs a loss with a per-token delta (dppo-*, drpo), not {a.loss!r}")
+    _check(th.kind == "constant" or a.loss in PER_TOKEN_DELTA_LOSSES,
+           f"algo.thresholds.kind={th.kind!r} needs a loss with a per-token delta "
+           f"({', '.join(PER_TOKEN_DELTA_LOSSES)}), not {a.loss!r}")
     _check(all(0 < e < 1 for e in th.bucket_edges) and th.bucket_edges == sorted(th.bucket_edges),
            f"algo.thresholds.bucket_edges must be increasing shares in (0, 1), got {th.bucket_edges}")
     _check(r.backend in ("hf", "vllm"), f"rollout.backend must be 'hf' or 'vllm', got {r.backend!r}")

@@ -146,7 +146,8 @@ class Trainer:
         th = cfg.algo.thresholds
         self.threshold_spec = ThresholdSpec(kind=th.kind, beta=th.beta, entropy_beta=th.entropy_beta,
                                             s_min=th.s_min, s_max=th.s_max, normalize=th.normalize, ema=th.ema)
-        self.uses_delta = "delta" in self.loss_params
+        # a per-token delta tensor only when a schedule asks for one (CPPO's delta is a scalar by design)
+        self.uses_delta = "delta" in self.loss_params and th.kind != "constant"
         self.batch_freq_state = BatchFrequencyState()
         self.table = self._frequency_table()
         self.num_buckets = len(th.bucket_edges) + 2  # seen buckets + "unseen"
