@@ -84,6 +84,13 @@ class ThresholdConfig:
     table_corpus: list[str] = field(default_factory=list)  # corpus files for the table (default: task train split)
     bucket_edges: list[float] = field(default_factory=lambda: [0.5, 0.8, 0.95, 0.99])
 
+    def spec(self):
+        """The pure-function view of this schedule (``tokentrust.thresholds.ThresholdSpec``)."""
+        from tokentrust.thresholds import ThresholdSpec
+
+        return ThresholdSpec(kind=self.kind, beta=self.beta, entropy_beta=self.entropy_beta, s_min=self.s_min,
+                             s_max=self.s_max, normalize=self.normalize, ema=self.ema)
+
 
 @dataclass
 class AlgoConfig:

@@ -31,7 +31,7 @@ from tokentrust.losses import get_loss
 from tokentrust.losses.core import aggregate
 from tokentrust.rollout.base import RolloutBatch
 from tokentrust.runlog import JsonlWriter, TensorBoard, atomic_write_json, read_jsonl, truncate_jsonl
-from tokentrust.thresholds import BatchFrequencyState, ThresholdSpec, compute_thresholds
+from tokentrust.thresholds import BatchFrequencyState, compute_thresholds
 from tokentrust.vocab import FrequencyTable
 
 TIMING_PHASES = ("generate", "score", "forward_backward", "loss", "other")
@@ -144,8 +144,7 @@ class Trainer:
         self.loss_params = loss_params(cfg)
         self.needs_topk = cfg.algo.loss.startswith("dppo-topk")
         th = cfg.algo.thresholds
-        self.threshold_spec = ThresholdSpec(kind=th.kind, beta=th.beta, entropy_beta=th.entropy_beta,
-                                            s_min=th.s_min, s_max=th.s_max, normalize=th.normalize, ema=th.ema)
+        self.threshold_spec = th.spec()
         # a per-token delta tensor only when a schedule asks for one (CPPO's delta is a scalar by design)
         self.uses_delta = "delta" in self.loss_params and th.kind != "constant"
         self.batch_freq_state = BatchFrequencyState()
