@@ -278,8 +278,15 @@ def _fingerprint(items) -> str:
 
 
 def tiny_cache_key(corpus_texts, sft_pairs, **config) -> str:
-    """Hash of (recipe version, config, corpus, SFT pairs): the cache folder name."""
-    head = {"version": _TINY_CACHE_VERSION, "config": config}
+    """Hash of (recipe code, config, corpus, SFT pairs): the cache folder name.
+
+    The source of the build functions is part of the key, so a cache written by an older recipe
+    is never reused silently.
+    """
+    import inspect
+
+    recipe = _fingerprint([inspect.getsource(f) for f in (train_bpe_tokenizer, build_tiny_model, sft_warm_start)])
+    head = {"version": _TINY_CACHE_VERSION, "config": config, "recipe": recipe}
     return _fingerprint([head, _fingerprint(corpus_texts), _fingerprint([list(p) for p in sft_pairs])])[:16]
 
 
