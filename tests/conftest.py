@@ -35,3 +35,13 @@ def tiny_overrides(out_dir, **extra):
     from tokentrust.config import deep_merge
 
     return deep_merge(over, extra)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared, oversubscribed machine
+    OpenMP's spin-waiting makes two threads up to ~100x slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

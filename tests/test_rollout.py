@@ -28,14 +28,7 @@ def _problems(n: int, seed: int) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared, oversubscribed machine
-    OpenMP's spin-waiting makes two threads up to ~100x slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
