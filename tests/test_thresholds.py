@@ -208,9 +208,12 @@ def batch_probs_ref(tokens, mask, alpha: float) -> list[float]:
     return [(c + alpha) / (n + alpha * V) for c in counts]
 
 
-def batch_thresholds_ref(probs, tokens, beta, s_min, s_max) -> list[float]:
+def batch_thresholds_ref(probs, tokens, beta, s_min, s_max, mask=MASK) -> list[float]:
+    """rho_ref is the mean rarity of the batch's valid tokens (methods.md), NOT the entropy of the
+    smoothed distribution over all V ids (which counts the mass smoothing gives to unseen ids)."""
     rho = [-math.log(p) for p in probs]
-    rho_ref = sum(p * r for p, r in zip(probs, rho))
+    valid = valid_values(tokens, mask)
+    rho_ref = sum(rho[int(t)] for t in valid) / len(valid)
     return [DELTA * clamp(math.exp(beta * (rho[t] - rho_ref)), s_min, s_max) for t in tokens.flatten().tolist()]
 
 
@@ -241,7 +244,8 @@ def test_batch_frequency_ema_over_two_batches():
     p2 = batch_probs_ref(tokens2, mask2, alpha)
     blended = [ema * a + (1 - ema) * b for a, b in zip(p1, p2)]
     out2 = compute_thresholds(spec, DELTA, tokens2, mask2, vocab_size=V, state=state)
-    assert out2.flatten().tolist() == pytest.approx(batch_thresholds_ref(blended, tokens2, beta, 0.1, 10.0), rel=1e-5)
+    assert out2.flatten().tolist() == pytest.approx(batch_thresholds_ref(blended, tokens2, beta, 0.1, 10.0, mask2),
+                                                     rel=1e-5)
     assert state.probs.tolist() == pytest.approx(blended, rel=1e-6)
     # without the state the second batch alone gives a different answer (the EMA did something)
     alone = compute_thresholds(spec, DELTA, tokens2, mask2, vocab_size=V)
@@ -250,6 +254,48 @@ def test_batch_frequency_ema_over_two_batches():
     fresh = BatchFrequencyState()
     fresh.load_state_dict(state.state_dict())
     assert torch.equal(fresh.probs, state.probs)
+
+
+def test_batch_frequency_reference_is_the_typical_token_with_a_large_vocabulary():
+    """Regression: with V = 50k ids and a 200-token batch, the old rho_ref (entropy of the smoothed
+    distribution over all V) sat near log V, far above every seen token's rarity, so about half of
+    all tokens were pinned at s_min. The batch's mean rarity keeps s around 1."""
+    vocab, gen = 50_000, torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 300, (4, 50), generator=gen)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    spec = ThresholdSpec(kind="batch-frequency", beta=0.5, s_min=0.25, s_max=4.0)
+    out = compute_thresholds(spec, DELTA, tokens, mask, vocab_size=vocab)
+    pinned = float((out <= DELTA * 0.25 + 1e-9).float().mean())
+    assert pinned < 0.05
+    # mean log-scale over the batch is exactly 0 before clamping: geometric mean of s is 1
+    assert float((out / DELTA).log().mean()) == pytest.approx(0.0, abs=1e-4)
+
+
+SPECIAL = torch.zeros(V, dtype=torch.bool)
+SPECIAL[7] = True  # the rarest id plays EOS: never counted in a corpus tokenized without special tokens
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_special_tokens_get_the_base_delta(kind, normalize):
+    """Regression (EOS confound): special tokens get s = 1 under every schedule, and the schedule
+    of the other tokens is what it would be without the special tokens in the batch."""
+    spec = ThresholdSpec(kind=kind, beta=1.0, normalize=normalize, s_min=0.25, s_max=4.0)
+    out = compute_thresholds(spec, DELTA, TOKENS, MASK, rarity=RARITY, rho_ref=RHO_REF, entropy=ENTROPY,
+                             vocab_size=V, special=SPECIAL)
+    is_special = TOKENS == 7
+    assert torch.all(out[is_special] == DELTA)
+    without = compute_thresholds(spec, DELTA, TOKENS, MASK & ~is_special, rarity=RARITY, rho_ref=RHO_REF,
+                                 entropy=ENTROPY, vocab_size=V)
+    keep = MASK & ~is_special
+    assert torch.allclose(out[keep], without[keep])
+    if normalize:
+        assert float(out[keep].mean()) == pytest.approx(DELTA, rel=1e-5)
+    # and without the mask id 7, the rarest token, gets a very different threshold than delta
+    plain = compute_thresholds(spec, DELTA, TOKENS, MASK, rarity=RARITY, rho_ref=RHO_REF, entropy=ENTROPY,
+                               vocab_size=V)
+    if kind in ("frequency", "batch-frequency"):
+        assert not torch.allclose(plain[is_special & MASK], torch.tensor(DELTA))
 
 
 # --------------------------------------------------------------------------- into the loss

@@ -200,10 +200,10 @@ def test_buckets_hand_computed():
     assert t.buckets().tolist() == [0, 5, 1, 1, 1, 2, 3, 3, 5, 4, 4]
     assert t.buckets(edges=(0.5,)).tolist() == [0, 2, 1, 1, 1, 1, 1, 1, 2, 1, 1]
     names = t.bucket_names()
-    assert len(names) == 6 and names[-1] == "unseen" and names[0].startswith("0-50%")
+    assert len(names) == 7 and names[-2:] == ["unseen", "special"] and names[0].startswith("0-50%")
     rows = t.bucket_table()
-    assert [r["types"] for r in rows] == [1, 3, 1, 2, 2, 2]
-    assert [r["mass"] for r in rows] == pytest.approx([0.5, 0.4, 0.05, 0.04, 0.01, 0.0])
+    assert [r["types"] for r in rows] == [1, 3, 1, 2, 2, 2, 0]
+    assert [r["mass"] for r in rows] == pytest.approx([0.5, 0.4, 0.05, 0.04, 0.01, 0.0, 0.0])
     # ties share a bucket and the result does not depend on token ids
     perm = torch.randperm(len(counts), generator=torch.Generator().manual_seed(0))
     tp = _table([counts[i] for i in perm.tolist()])
@@ -251,3 +251,52 @@ def test_cli_build_and_show(tok, tmp_path, capsys, monkeypatch):
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert f"{table.num_tokens:,}" in text and "| 5 | count = 0 |" in text and "most frequent" in text
+
+
+def test_rare_means_beyond_95_percent_of_the_mass():
+    # Regression: "rare" started at the 80-95% bucket (the first edge >= 0.95 is the upper edge of
+    # bucket 2). Same hand table as above: buckets 0, 5, 1, 1, 1, 2, 3, 3, 5, 4, 4.
+    from tokentrust.vocab import rare_from
+
+    t = _table([100, 0, 40, 20, 20, 10, 6, 2, 0, 1, 1])
+    assert rare_from() == 3 and rare_from((0.5, 0.9)) == 3 and rare_from((0.5, 0.95)) == 2
+    info = t.token_info()
+    # rare: buckets 3 (95-99%), 4 (99-100%) and 5 (unseen); id 5 (mass before 0.90..0.95) is not rare
+    assert info.rare.tolist() == [False, True, False, False, False, False, True, True, True, True, True]
+    assert info.num_buckets == 7
+
+
+def test_special_tokens_have_their_own_bucket_and_no_mass():
+    # ids 0 and 3 special: id 3 has a count (a corpus holding a literal "<|im_end|>"), which must not
+    # shift the mass shares of ordinary tokens; specials are never rare.
+    plain = _table([0, 100, 40, 0, 10])
+    special = FrequencyTable(counts=torch.tensor([0, 100, 40, 50, 10]), tokenizer_name="t", vocab_size=5,
+                             fingerprint="x", source="s", special_ids=[3, 0])
+    assert special.special_ids == [0, 3]
+    edges = (0.5, 0.8, 0.95, 0.99)
+    b = special.buckets(edges)
+    assert b[[0, 3]].tolist() == [6, 6]
+    assert torch.equal(b[[1, 2, 4]], plain.buckets(edges)[[1, 2, 4]])
+    assert special.reference_rarity() == pytest.approx(
+        float(sum(c / 150 * special.rarity()[i] for i, c in ((1, 100), (2, 40), (4, 10)))))
+    info = special.token_info(rows=7, edges=edges)  # two model rows beyond the tokenizer
+    assert info.special.tolist() == [True, False, False, True, False, False, False]
+    assert not bool((info.rare & info.special).any())
+    assert info.bucket[5:].tolist() == [5, 5] and info.rare[5:].all()
+    assert [r["mass"] for r in special.bucket_table(edges)][-1] == 0.0
+
+
+def test_special_ids_survive_save_load_and_build_records_them(tmp_path):
+    t = FrequencyTable(counts=torch.tensor([3, 2, 0]), tokenizer_name="t", vocab_size=3, fingerprint="x",
+                       source="s", special_ids=[2])
+    assert FrequencyTable.load(t.save(tmp_path / "t.safetensors")).special_ids == [2]
+    from tokentrust.vocab import special_token_ids
+
+    class Tok:  # the parts of a HF tokenizer special_token_ids reads
+        all_special_ids = [0, 2]
+        added_tokens_decoder = {5: type("A", (), {"special": True})(), 6: type("A", (), {"special": False})()}
+
+        def __len__(self):
+            return 8
+
+    assert special_token_ids(Tok()) == [0, 2, 5]

@@ -83,15 +83,14 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: Any, *, out_dir: str 
     for n in (1, 2, 3):
         results[f"distinct_{n}"] = M.distinct_n(responses, n)
     if table is not None:
-        buckets = table.buckets(bucket_edges)
-        num_buckets = len(bucket_edges) + 2
-        rare_from = next((i for i, e in enumerate(bucket_edges) if e >= 0.95), len(bucket_edges))
-        rare_mask = buckets >= rare_from
+        rows = max([table.vocab_size, *(t + 1 for r in responses for t in r)])
+        info = table.token_info(rows, bucket_edges)
         flat = [t for r in responses for t in r]
-        shares = M.bucket_shares(flat, buckets, num_buckets)
+        shares = M.bucket_shares(flat, info.bucket, info.num_buckets)
         results["bucket_shares"] = [float(s) for s in shares]
-        results["rare_share"] = float(shares[rare_from:].sum()) if flat else float("nan")
-        results["distinct_rare_per_1k"] = M.distinct_rare_per_1k(flat, rare_mask)
+        # rare: beyond 95% of the corpus token mass or unseen; special tokens (EOS, ...) never count
+        results["rare_share"] = float(info.rare[flat].float().mean()) if flat else float("nan")
+        results["distinct_rare_per_1k"] = M.distinct_rare_per_1k(flat, info.rare)
     if reference is not None:
         keep = [i for i, r in enumerate(responses) if r]
         if keep:

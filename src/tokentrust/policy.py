@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from tokentrust.config import RunConfig
-from tokentrust.vocab import FrequencyTable, VocabMismatchError, build_frequency_table
+from tokentrust.vocab import FORMAT_VERSION, FrequencyTable, VocabMismatchError, build_frequency_table
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -63,7 +63,7 @@ def frequency_table_for(tokenizer: Any, task: Any, *, table_path: str | None = N
         sources = [texts]  # one source: an iterable of documents
         key_src = hashlib.sha256("\n".join(texts).encode()).hexdigest()
     name = getattr(tokenizer, "name_or_path", "") or "tokenizer"
-    key = hashlib.sha256(f"{name}|{len(tokenizer)}|{key_src}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"v{FORMAT_VERSION}|{name}|{len(tokenizer)}|{key_src}".encode()).hexdigest()[:16]
     path = cache_root(cache_dir) / "freq" / f"{task.name}-{key}.safetensors"
     if path.exists():
         try:

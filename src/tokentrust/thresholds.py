@@ -15,6 +15,12 @@ With ``normalize=True`` delta_t is rescaled so its mean over the batch's valid t
 (budget control: "adaptive" without "looser overall"). The clamp applies to s before that
 rescaling, so a normalised schedule keeps the ratio s_max / s_min but not the bounds themselves.
 
+Special tokens (EOS, pad, chat-template markers; a ``special`` mask by vocabulary id) carry no
+frequency signal: they always get the base delta (s = 1) and are left out of the normalisation
+mean, of the batch-frequency counts and of H_ref. Without this, EOS (never counted in a corpus
+tokenized without special tokens) would be the "rarest" token and AV-DPPO would mostly move the
+stop decision.
+
 Everything here is a pure function of tensors; the only state is the optional EMA of batch
 frequencies, carried explicitly by the caller. Thresholds depend on mu and token ids only,
 so a trainer computes them once per rollout batch.
@@ -97,18 +103,20 @@ def batch_rarity(token_ids: torch.Tensor, mask: torch.Tensor, vocab_size: int, *
                  ema: float = 0.0, state: BatchFrequencyState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rarity rho = -log f from the valid tokens of this batch (EMA-blended with past batches).
 
-    Returns (rho [V], rho_ref) with rho_ref the frequency-weighted mean rarity of the batch
-    distribution. Updates ``state`` in place when given.
+    Returns (rho [V], rho_ref) with rho_ref the token-weighted mean rarity of this batch's valid
+    tokens, mean_t rho(y_t) (methods.md), so that s = 1 for the batch's typical token. (The
+    entropy of the smoothed distribution over all V ids would weight in the mass smoothing gives
+    to unseen ids and, with a large vocabulary, pin most tokens at s_min.) Updates ``state``.
     """
-    ids = token_ids[mask.bool()]
-    counts = torch.bincount(ids.flatten(), minlength=vocab_size)[:vocab_size].float()
+    ids = token_ids[mask.bool()].flatten()
+    counts = torch.bincount(ids, minlength=vocab_size)[:vocab_size].float()
     probs = (counts + smoothing) / (counts.sum() + smoothing * vocab_size)
     if state is not None:
         if state.probs is not None and ema > 0:
             probs = ema * state.probs.to(probs.device) + (1 - ema) * probs
         state.probs = probs.detach().clone()
     rho = -probs.log()
-    rho_ref = (probs * rho).sum()
+    rho_ref = rho[ids].mean() if ids.numel() else (probs * rho).sum()
     return rho, rho_ref
 
 
@@ -118,7 +126,7 @@ def scale_from_log(log_scale: torch.Tensor, s_min: float, s_max: float) -> torch
 
 
 def apply_scale(delta: float, scale: torch.Tensor, mask: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """delta_t = delta * s_t, optionally rescaled so mean over valid tokens equals delta."""
+    """delta_t = delta * s_t, optionally rescaled so the mean over ``mask`` equals delta."""
     if normalize:
         m = mask.to(scale.dtype)
         mean = (scale * m).sum() / m.sum().clamp(min=1.0)
@@ -129,17 +137,22 @@ def apply_scale(delta: float, scale: torch.Tensor, mask: torch.Tensor, normalize
 def compute_thresholds(spec: ThresholdSpec, delta: float, token_ids: torch.Tensor, mask: torch.Tensor, *,
                        rarity: torch.Tensor | None = None, rho_ref: float | None = None,
                        entropy: torch.Tensor | None = None, vocab_size: int | None = None,
-                       state: BatchFrequencyState | None = None) -> torch.Tensor:
+                       state: BatchFrequencyState | None = None, special: torch.Tensor | None = None) -> torch.Tensor:
     """The [B, T] per-token threshold tensor for ``spec``.
 
     ``rarity``/``rho_ref``: corpus rarity per vocabulary id and its reference (frequency and
     combined kinds). ``entropy``: [B, T] entropy of mu (entropy and combined kinds).
-    ``vocab_size``: needed by batch-frequency.
+    ``vocab_size``: needed by batch-frequency. ``special``: bool [V] by vocabulary id; those
+    tokens get exactly delta and are left out of every batch statistic (module docstring).
     """
     if not delta > 0:
         raise ValueError(f"delta must be > 0, got {delta}")
     if spec.kind == "constant":
         return torch.full(token_ids.shape, float(delta), dtype=torch.float32, device=token_ids.device)
+    mask = mask.bool()
+    is_special = special.to(token_ids.device)[token_ids] if special is not None else None
+    if is_special is not None:
+        mask = mask & ~is_special  # the tokens that carry a schedule signal
     parts = []  # log-scales, summed and clamped once
     if spec.kind in ("frequency", "combined"):
         if rarity is None or rho_ref is None:
@@ -157,4 +170,7 @@ def compute_thresholds(spec: ThresholdSpec, delta: float, token_ids: torch.Tenso
         parts.append(entropy_log_scale(entropy, mask, beta))
     log_scale = parts[0] if len(parts) == 1 else parts[0] + parts[1]
     scale = scale_from_log(log_scale, spec.s_min, spec.s_max)
-    return apply_scale(float(delta), scale, mask, spec.normalize)
+    delta_t = apply_scale(float(delta), scale, mask, spec.normalize)
+    if is_special is not None:
+        delta_t = delta_t.masked_fill_(is_special, float(delta))
+    return delta_t

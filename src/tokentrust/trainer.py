@@ -149,18 +149,13 @@ class Trainer:
         self.uses_delta = "delta" in self.loss_params and th.kind != "constant"
         self.batch_freq_state = BatchFrequencyState()
         self.table = self._frequency_table()
-        self.num_buckets = len(th.bucket_edges) + 2  # seen buckets + "unseen"
-        # A model may have more output rows than the tokenizer has tokens (Qwen: 152,064 vs 151,665):
-        # pad with the rarity / bucket of an unseen token so any sampled id can be looked up.
+        # lookups by vocabulary id, padded to the model's output rows (see FrequencyTable.token_info)
         rows = max(self.table.vocab_size, self.model.get_output_embeddings().weight.shape[0])
-        rarity = self.table.rarity()
-        pad = rows - len(rarity)
-        self.rarity = torch.cat([rarity, rarity.max().expand(pad)]) if pad > 0 else rarity
-        self.rho_ref = self.table.reference_rarity()
-        buckets = self.table.buckets(th.bucket_edges)
-        self.bucket_of = torch.cat([buckets, buckets.new_full((pad,), self.num_buckets - 1)]) if pad > 0 else buckets
-        rare_from = next((i for i, e in enumerate(th.bucket_edges) if e >= 0.95), len(th.bucket_edges))
-        self.rare_mask = self.bucket_of >= rare_from  # tokens beyond 95% of the corpus token mass, or unseen
+        info = self.table.token_info(rows, th.bucket_edges)
+        self.num_buckets = info.num_buckets  # mass buckets, "unseen", "special"
+        self.rarity, self.rho_ref, self.special = info.rarity, info.rho_ref, info.special
+        self.bucket_of = info.bucket
+        self.rare_mask = info.rare  # beyond 95% of the corpus token mass, or unseen; never special
 
         rollout_kwargs: dict[str, Any] = dict(max_new_tokens=cfg.rollout.max_new_tokens,
                                               temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
@@ -277,7 +272,7 @@ class Trainer:
             delta = compute_thresholds(self.threshold_spec, cfg.algo.delta, batch.response_ids,
                                        batch.response_mask.bool(), rarity=self.rarity, rho_ref=self.rho_ref,
                                        entropy=batch.behavior_entropy, vocab_size=len(self.rarity),
-                                       state=self.batch_freq_state)
+                                       state=self.batch_freq_state, special=self.special)
         ref_logp = None
         if self.ref_model is not None or cfg.algo.anchor == "recompute":
             ref_logp, old_logp = self._extra_forwards(batch)

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: special token ids recorded
 DEFAULT_EDGES: tuple[float, ...] = (0.5, 0.8, 0.95, 0.99)
+RARE_MASS = 0.95  # "rare" = beyond this share of the corpus token mass (or unseen)
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _TEXT_SUFFIXES = (".txt", ".text", ".md")
 
@@ -61,6 +62,46 @@ def tokenizer_hash(tokenizer: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def special_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of the tokenizer's special tokens: EOS, BOS, pad, unk and every added token marked
+    special (chat-template markers such as ``<|im_start|>``). Sorted, unique."""
+    ids = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []) if i is not None}
+    for i, tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(tok, "special", False):
+            ids.add(int(i))
+    return sorted(i for i in ids if 0 <= i < len(tokenizer))
+
+
+def num_buckets(edges: Sequence[float] = DEFAULT_EDGES) -> int:
+    """Bucket ids used by `FrequencyTable.buckets`: len(edges) + 1 mass buckets, unseen, special."""
+    return len(edges) + 3
+
+
+def rare_from(edges: Sequence[float] = DEFAULT_EDGES) -> int:
+    """First mass bucket whose tokens all lie beyond RARE_MASS of the token mass.
+
+    Bucket i covers mass shares [edges[i-1], edges[i]), so it is rare iff edges[i-1] >= RARE_MASS.
+    """
+    return next((i + 1 for i, e in enumerate(edges) if e >= RARE_MASS - 1e-12), len(edges) + 1)
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """Per-vocabulary-id lookups of a frequency table, padded to a model's number of output rows
+    (ids the table does not know behave as unseen tokens). All tensors are [rows]."""
+
+    rarity: torch.Tensor  # float32, rho = -log f
+    bucket: torch.Tensor  # long: 0..len(edges) mass buckets, len(edges)+1 unseen, len(edges)+2 special
+    rare: torch.Tensor  # bool: beyond RARE_MASS of the token mass, or unseen; never special
+    special: torch.Tensor  # bool
+    num_buckets: int
+    rho_ref: float  # corpus token-mass weighted mean rarity (special tokens excluded)
+
+    def to(self, device: torch.device | str) -> TokenInfo:
+        return TokenInfo(self.rarity.to(device), self.bucket.to(device), self.rare.to(device),
+                         self.special.to(device), self.num_buckets, self.rho_ref)
+
+
 def _tokenizer_display_name(tokenizer: Any) -> str:
     return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
 
@@ -80,6 +121,7 @@ class FrequencyTable:
     source: str  # human description of the corpus
     tokenizer_hash: str = ""  # see `tokenizer_hash`; empty if unknown
     meta: dict[str, Any] = field(default_factory=dict)  # num_docs, skipped_lines, field, ...
+    special_ids: list[int] = field(default_factory=list)  # EOS, pad, BOS, chat markers: see `special_token_ids`
 
     def __post_init__(self) -> None:
         counts = torch.as_tensor(self.counts)
@@ -93,11 +135,48 @@ class FrequencyTable:
         if counts.numel() and int(counts.min()) < 0:
             raise ValueError("counts must be non-negative")
         self.counts = counts
+        self.special_ids = sorted({int(i) for i in self.special_ids})
+        if self.special_ids and not 0 <= self.special_ids[0] <= self.special_ids[-1] < self.vocab_size:
+            raise ValueError(f"special_ids must lie in [0, {self.vocab_size}), got {self.special_ids}")
 
     @property
     def num_tokens(self) -> int:
         """Total number of counted tokens."""
         return int(self.counts.sum())
+
+    def special_mask(self) -> torch.Tensor:
+        """bool [V]: True on special token ids."""
+        m = torch.zeros(self.vocab_size, dtype=torch.bool)
+        m[self.special_ids] = True
+        return m
+
+    def _regular_counts(self) -> torch.Tensor:
+        """Counts with special tokens zeroed: they carry no corpus-frequency signal (a corpus
+        tokenized without special tokens never counts EOS), so they join no mass bucket."""
+        if not self.special_ids:
+            return self.counts
+        c = self.counts.clone()
+        c[self.special_ids] = 0
+        return c
+
+    def token_info(self, rows: int | None = None, edges: Sequence[float] = DEFAULT_EDGES) -> TokenInfo:
+        """Rarity, bucket, rare and special lookups for ids 0..rows-1 (default: the table's size).
+
+        A model may have more output rows than its tokenizer has tokens (Qwen: 152,064 vs
+        151,665); the extra ids get the rarity and bucket of an unseen token.
+        """
+        rows = self.vocab_size if rows is None else int(rows)
+        if rows < self.vocab_size:
+            raise ValueError(f"rows ({rows}) must be >= the table's vocab size ({self.vocab_size})")
+        pad = rows - self.vocab_size
+        rarity, bucket, special = self.rarity(), self.buckets(edges), self.special_mask()
+        unseen = len(edges) + 1
+        if pad:
+            rarity = torch.cat([rarity, rarity.max().expand(pad)])
+            bucket = torch.cat([bucket, bucket.new_full((pad,), unseen)])
+            special = torch.cat([special, special.new_zeros(pad)])
+        rare = (bucket >= rare_from(edges)) & (bucket <= unseen)
+        return TokenInfo(rarity, bucket, rare, special, num_buckets(edges), self.reference_rarity())
 
     # -- probabilities and rarity --------------------------------------------------------------
 
@@ -122,12 +201,13 @@ class FrequencyTable:
     def reference_rarity(self, quantile: float | None = None, alpha: float = 1.0) -> float:
         """rho_ref: the token-mass weighted mean of rho (sum_v c_v/N rho(v)), or, with `quantile`,
         the smallest rho such that tokens with rarity <= it hold at least that share of mass."""
-        n = self.num_tokens
+        counts = self._regular_counts()
+        n = int(counts.sum())
         if n == 0:
             raise ValueError("reference rarity of an empty frequency table is undefined")
         rho = self.rarity(alpha).double()
-        seen = self.counts > 0
-        w = self.counts[seen].double() / n
+        seen = counts > 0
+        w = counts[seen].double() / n
         r = rho[seen]
         if quantile is None:
             return float((w * r).sum())
@@ -149,15 +229,17 @@ class FrequencyTable:
         holds the most frequent tokens covering the first edges[0] of the mass (the token that
         crosses the edge included), bucket len(edges) the rarest seen tokens. Tokens with equal
         counts always share a bucket (decided by the mass before their group), so the result does
-        not depend on token ids. Unseen tokens (count 0) get bucket len(edges) + 1.
+        not depend on token ids. Unseen tokens (count 0) get bucket len(edges) + 1, special
+        tokens bucket len(edges) + 2; neither counts towards the mass shares.
         """
         edges_t = _check_edges(edges)
         v = self.vocab_size
         out = torch.full((v,), len(edges_t) + 1, dtype=torch.long)
-        n = self.num_tokens
+        out[self.special_ids] = len(edges_t) + 2
+        c = self._regular_counts()
+        n = int(c.sum())
         if n == 0:
             return out
-        c = self.counts
         order = torch.argsort(c, descending=True, stable=True)
         sc = c[order]
         seen = sc > 0
@@ -180,12 +262,12 @@ class FrequencyTable:
         names = [f"{100 * lo:g}-{100 * hi:g}% mass" for lo, hi in zip(e[:-1], e[1:])]
         names[0] += " (most frequent)"
         names[-1] += " (rarest seen)"
-        return names + ["unseen"]
+        return names + ["unseen", "special"]
 
     def bucket_table(self, edges: Sequence[float] = DEFAULT_EDGES) -> list[dict[str, Any]]:
         """Per bucket: id, label, number of token types and share of token mass."""
         b = self.buckets(edges)
-        n = max(self.num_tokens, 1)
+        n = max(int(self._regular_counts().sum()), 1)
         rows = []
         for i, name in enumerate(self.bucket_names(edges)):
             sel = b == i
@@ -194,7 +276,7 @@ class FrequencyTable:
                     "bucket": i,
                     "name": name,
                     "types": int(sel.sum()),
-                    "mass": float(self.counts[sel].sum()) / n,
+                    "mass": float(self._regular_counts()[sel].sum()) / n,
                 }
             )
         return rows
@@ -218,6 +300,7 @@ class FrequencyTable:
             "fingerprint": json.dumps(self.fingerprint),
             "source": json.dumps(self.source),
             "meta": json.dumps(self.meta, sort_keys=True),
+            "special_ids": json.dumps(self.special_ids),
             "counts_sha256": hashlib.sha256(counts.numpy().tobytes()).hexdigest(),
         }
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -261,6 +344,7 @@ class FrequencyTable:
                 source=json.loads(md["source"]),
                 tokenizer_hash=json.loads(md.get("tokenizer_hash", '""')),
                 meta=json.loads(md.get("meta", "{}")),
+                special_ids=json.loads(md.get("special_ids", "[]")),
             )
             if table.num_tokens != int(json.loads(md["num_tokens"])):
                 raise ValueError("num_tokens metadata does not match the counts")
@@ -467,6 +551,7 @@ def build_frequency_table(
         fingerprint=hasher.hexdigest(),
         source="; ".join(descriptions),
         tokenizer_hash=tokenizer_hash(tokenizer),
+        special_ids=special_token_ids(tokenizer),
         meta={
             "num_docs": num_docs,
             "skipped_lines": stats["skipped_lines"],
