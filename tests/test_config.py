@@ -71,3 +71,30 @@ def test_round_trip_of_resolved_config():
     cfg = resolve(preset="smollm2-gsm8k")
     again = resolve(base=json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
+
+
+def test_top_p_below_one_is_refused_for_training():
+    """Regression: with top_p < 1, mu is the nucleus-renormalised probability and pi the full
+    softmax, so an unchanged policy reads ratio = nucleus mass (0.90-0.99), biasing every loss."""
+    with pytest.raises(ConfigError, match=r"rollout\.top_p must be 1 for training"):
+        resolve(overrides={"rollout": {"top_p": 0.9}})
+    assert resolve(overrides={"rollout": {"top_p": 1.0}}).rollout.top_p == 1.0
+
+
+def test_drpo_default_delta_follows_the_unirl_reference():
+    """Regression: DRPO ran with DPPO's delta 0.15, 80x below its reference. The code follows UniRL
+    unirl/algorithms/ar_drpo.py (drpo_epsilon = 12.5, paper section 4), not methods.md's DPPO default."""
+    import inspect
+
+    from tokentrust.compare import METHODS
+    from tokentrust.losses import get_loss
+
+    assert inspect.signature(get_loss("drpo")).parameters["delta"].default == 12.5
+    assert resolve(overrides={"algo": {"loss": "drpo"}}).algo.delta == 12.5
+    assert resolve(preset="tiny-arith", overrides={"algo": {"loss": "drpo"}}).algo.delta == 12.5
+    assert METHODS["drpo"]["algo"]["delta"] == 12.5
+    # the other losses keep their own defaults; an explicit value always wins
+    assert resolve(overrides={"algo": {"loss": "dppo-kl"}}).algo.delta == 0.05
+    assert resolve().algo.delta == 0.15
+    assert resolve(overrides={"algo": {"loss": "drpo", "delta": 0.3}}).algo.delta == 0.3
+    assert resolve(overrides={"algo": {"loss": "ppo"}}).algo.delta is None

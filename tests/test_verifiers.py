@@ -29,6 +29,11 @@ DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
     ("#### \u22127", "-7"),  # unicode minus sign
     ("#### -0", "0"),
     ("#### 0.50", "0.5"),
+    ("#### .5", "0.5"),                               # regression: a bare decimal after ####
+    ("#### -.25", "-0.25"),
+    ("\\boxed{.5}", "0.5"),
+    ("#### 18" + " " * 5000, "18"),                   # regression: trailing padding hid the answer
+    ("#### 18" + "\n \t" * 3000, "18"),
     ("#### 1/2", "1/2"),
     ("#### 2/4", "1/2"),
     ("#### **42**", "42"),

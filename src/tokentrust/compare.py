@@ -32,7 +32,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "dppo-topk-tv": {"algo": {"loss": "dppo-topk-tv", "delta": 0.15}, "family": "baseline",
                      "description": "DPPO Top-K TV (K = 20), delta 0.15"},
     "cppo": {"algo": {"loss": "cppo", "delta": 0.15}, "family": "baseline", "description": "CPPO, delta 0.15"},
-    "drpo": {"algo": {"loss": "drpo", "delta": 0.15}, "family": "baseline", "description": "DRPO soft region, delta 0.15"},
+    "drpo": {"algo": {"loss": "drpo", "delta": 12.5}, "family": "baseline",
+             "description": "DRPO soft region, delta 12.5 (the UniRL reference setting)"},
 }
 for _kind, _short in (("frequency", "freq"), ("batch-frequency", "batch"), ("entropy", "entropy"),
                       ("combined", "combined")):

@@ -95,7 +95,9 @@ class ThresholdConfig:
 @dataclass
 class AlgoConfig:
     loss: str = "dppo-tv"
-    delta: float = 0.15  # DPPO / CPPO / DRPO threshold (the base delta of AV-DPPO)
+    # DPPO / CPPO / DRPO threshold (the base delta of AV-DPPO); None = the loss's reference default
+    # (dppo-tv 0.15, dppo-kl 0.05, drpo 12.5, ...), filled in by `resolve`
+    delta: float | None = None
     eps_low: float = 0.2  # PPO clip
     eps_high: float | None = None  # PPO clip-higher (None = eps_low)
     params: dict[str, Any] = field(default_factory=dict)  # any other keyword of the loss (w_min, delta_b, ...)
@@ -160,7 +162,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "task": {"name": "arith", "eval_limit": 128, "eval_samples": 4, "train_limit": 256,
                  "options": {"steps": 1, "max_operand": 10}},
         "rollout": {"prompts_per_step": 16, "group_size": 8, "max_new_tokens": 48, "temperature": 1.0},
-        "algo": {"loss": "dppo-tv", "delta": 0.15},
+        "algo": {"loss": "dppo-tv"},
         "optim": {"lr": 1e-4, "warmup_steps": 8, "ppo_epochs": 2, "minibatches": 2},
         "log": {"checkpoint_every": 10, "samples_every": 10},
     },
@@ -171,7 +173,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"name": "smollm2"},
         "task": {"name": "gsm8k", "eval_limit": 100, "eval_samples": 1, "options": {"answer_fallback": True}},
         "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 192, "temperature": 0.8},
-        "algo": {"loss": "dppo-tv", "delta": 0.15},
+        "algo": {"loss": "dppo-tv"},
         "optim": {"lr": 2e-6, "ppo_epochs": 2, "minibatches": 1, "micro_batch_size": 4},
         "log": {"checkpoint_every": 10, "samples_every": 5},
     },
@@ -184,7 +186,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "task": {"name": "gsm8k", "eval_limit": 0, "eval_samples": 4},
         "rollout": {"backend": "vllm", "prompts_per_step": 64, "group_size": 8, "max_new_tokens": 1024,
                     "temperature": 1.0},
-        "algo": {"loss": "dppo-tv", "delta": 0.15,
+        "algo": {"loss": "dppo-tv",
                  "thresholds": {"kind": "frequency", "beta": 0.5, "normalize": True}},
         "optim": {"lr": 1e-6, "ppo_epochs": 1, "minibatches": 4, "micro_batch_size": 8},
         "log": {"checkpoint_every": 25, "samples_every": 10},
@@ -321,7 +323,17 @@ def resolve(preset: str | None = None, file: str | Path | None = None, overrides
         data = deep_merge(data, overrides)
     cfg = from_dict(RunConfig, data)
     validate(cfg)
+    if cfg.algo.delta is None:
+        cfg.algo.delta = default_delta(cfg.algo.loss)
     return cfg
+
+
+def default_delta(loss: str) -> float | None:
+    """The loss's own default threshold (its signature's ``delta``), None if it has no delta."""
+    from tokentrust.losses import get_loss
+
+    p = inspect.signature(get_loss(loss)).parameters.get("delta")
+    return None if p is None or p.default is inspect.Parameter.empty else float(p.default)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -336,7 +348,7 @@ def validate(cfg: RunConfig) -> None:
     a, r, o, t, th = cfg.algo, cfg.rollout, cfg.optim, cfg.task, cfg.algo.thresholds
     _check(cfg.max_steps >= 0, f"max_steps must be >= 0, got {cfg.max_steps}")
     _check(a.loss in available_losses(), f"algo.loss: unknown loss {a.loss!r}; available: {', '.join(available_losses())}")
-    _check(a.delta > 0, f"algo.delta must be > 0, got {a.delta}")
+    _check(a.delta is None or a.delta > 0, f"algo.delta must be > 0, got {a.delta}")
     _check(a.eps_low >= 0, f"algo.eps_low must be >= 0, got {a.eps_low}")
     _check(a.eps_high is None or a.eps_high >= 0, f"algo.eps_high must be >= 0, got {a.eps_high}")
     _check(a.agg in AGGREGATIONS, f"algo.agg must be one of {AGGREGATIONS}, got {a.agg!r}")
@@ -361,7 +373,8 @@ def validate(cfg: RunConfig) -> None:
     _check(r.group_size >= 2, f"rollout.group_size must be >= 2 for group-relative advantages, got {r.group_size}")
     _check(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}")
     _check(r.temperature > 0, f"rollout.temperature must be > 0, got {r.temperature}")
-    _check(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    _check(r.top_p == 1.0, f"rollout.top_p must be 1 for training, got {r.top_p}: with a nucleus, mu is renormalised "
+                           "over it while pi is the full softmax, so ratio = nucleus mass < 1 even on-policy")
     _check(r.topk >= 1, f"rollout.topk must be >= 1, got {r.topk}")
     _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
@@ -400,6 +413,6 @@ def loss_params(cfg: RunConfig) -> dict[str, Any]:
         params["eps_low"] = a.eps_low
         params["eps_high"] = a.eps_high
     if "delta" in accepted:
-        params["delta"] = a.delta
+        params["delta"] = a.delta if a.delta is not None else default_delta(a.loss)
     params.update(a.params)
     return params

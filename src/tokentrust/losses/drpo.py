@@ -11,10 +11,16 @@ from tokentrust.losses.registry import register_loss
 
 @register_loss("drpo")
 def drpo_loss(logp: torch.Tensor, behavior_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-              delta: float | torch.Tensor = 0.15, agg: str = "token-mean", is_cap: float | None = None,
+              delta: float | torch.Tensor = 12.5, agg: str = "token-mean", is_cap: float | None = None,
               horizon: int | None = None, global_tokens: float | None = None,
               global_seqs: float | None = None) -> LossOutput:
     """Objective r A - |A| / (2 delta) * mu * (r - 1)^2.
+
+    Default delta = 12.5 follows the reference implementation, UniRL ``unirl/algorithms/ar_drpo.py``
+    (``drpo_epsilon = 12.5``, citing the paper's section 4: "For SPO and DRPO, we set the
+    regularization threshold to 12.5"), which equals verl's ``spo_adaptive_eps``. At that value
+    |pi - mu| <= 1 < delta, so the damping never reverses the gradient; with DPPO's 0.15 it reverses
+    once |pi - mu| > 0.15, a different method.
 
     Its gradient w.r.t. log pi is r A (1 - sign(A (r - 1)) |pi - mu| / delta): moving away from
     mu in the advantage's direction is damped linearly in |pi - mu| and reversed past delta,

@@ -15,7 +15,7 @@ import random
 import re
 
 from tokentrust.tasks.base import Example, Task
-from tokentrust.verifiers.numeric import TAIL_CHARS, first_number, numbers_equal
+from tokentrust.verifiers.numeric import answer_tail, first_number, numbers_equal
 
 PROMPT = '{question}\nEnd with "#### N unit".'
 
@@ -201,7 +201,7 @@ class Arith(Task):
         `answer_fallback`, the last non-empty line if there is no ``####``). It may not name any
         other known unit/object word, so listing every unit earns nothing.
         """
-        tail = completion[-TAIL_CHARS:]
+        tail = answer_tail(completion)
         idx = tail.rfind("####")
         if idx >= 0:
             line = tail[idx + 4:].lstrip().split("\n", 1)[0].strip()

@@ -19,11 +19,22 @@ TAIL_CHARS = 4096
 MAX_DIGITS = 100  # a "number" with more digits than this is not an answer
 
 # sign, optional $, digits with proper thousands commas or plain digits, decimals, /denominator
-_NUM = (r"(?P<s1>[-+\u2212]?)[ \t]?\\?\$?[ \t]?(?P<s2>[-\u2212]?)"
-        r"(?P<int>[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?P<dec>\.[0-9]+)?(?:[ \t]?/[ \t]?(?P<den>[0-9]+))?")
+_SIGN = r"(?P<s1>[-+\u2212]?)[ \t]?\\?\$?[ \t]?(?P<s2>[-\u2212]?)"
+_REST = r"(?P<dec>\.[0-9]+)?(?:[ \t]?/[ \t]?(?P<den>[0-9]+))?"
+_NUM = _SIGN + r"(?P<int>[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)" + _REST
+# after "####" or inside \boxed{} a bare decimal such as ".5" is an answer too (int part empty);
+# in running text a leading dot is too often punctuation ("...5") to read it that way
+_NUM_LEAD = _SIGN + r"(?P<int>[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+|(?=\.[0-9]))" + _REST
 _NUM_RE = re.compile(_NUM)
-_AFTER_HASH_RE = re.compile(r"\s{0,8}[*_`(\[{]{0,4}[ \t]*" + _NUM)
+_NUM_LEAD_RE = re.compile(_NUM_LEAD)
+_AFTER_HASH_RE = re.compile(r"\s{0,8}[*_`(\[{]{0,4}[ \t]*" + _NUM_LEAD)
 _FRAC_RE = re.compile(r"\\[dt]?frac\s*\{\s*(-?[0-9]+)\s*\}\s*\{\s*([0-9]+)\s*\}|\\[dt]?frac([0-9])([0-9])")
+
+
+def answer_tail(text: str) -> str:
+    """The last `TAIL_CHARS` characters of `text` after trailing whitespace is dropped, so padding
+    after the answer (a model that emits spaces until max_new_tokens) cannot push it out of view."""
+    return text.rstrip()[-TAIL_CHARS:]
 
 
 def _canonical(m: re.Match) -> str | None:
@@ -48,7 +59,7 @@ def _canonical(m: re.Match) -> str | None:
 def _number_in_boxed(content: str) -> str | None:
     content = _FRAC_RE.sub(lambda m: f"{m.group(1) or m.group(3)}/{m.group(2) or m.group(4)}", content)
     content = content.replace("{,}", "").replace("\\!", "")
-    m = _NUM_RE.search(content)
+    m = _NUM_LEAD_RE.search(content)
     return _canonical(m) if m else None
 
 
@@ -56,7 +67,7 @@ def extract_gsm8k_answer(text: str, fallback_last_number: bool = False) -> str |
     """The final numeric answer of `text` as a canonical string ("17", "-3", "0.5", "1/2"), or None."""
     if not isinstance(text, str):
         return None
-    tail = text[-TAIL_CHARS:]
+    tail = answer_tail(text)
     idx = tail.rfind("####")
     if idx >= 0:
         m = _AFTER_HASH_RE.match(tail, idx + 4)
@@ -90,7 +101,7 @@ def answer_format(text: str) -> str | None:
     """Which answer format `text` used: "####" or "boxed" (with a number), else None."""
     if not isinstance(text, str):
         return None
-    tail = text[-TAIL_CHARS:]
+    tail = answer_tail(text)
     idx = tail.rfind("####")
     if idx >= 0 and (m := _AFTER_HASH_RE.match(tail, idx + 4)) and _canonical(m) is not None:
         return "####"
