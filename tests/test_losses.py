@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokentrust.losses import available_losses, get_loss
+from tokentrust.losses import NEEDS_PROX_LOGP, available_losses, get_loss
 from tokentrust.losses.core import prepare
 from tokentrust.losses.dppo import binary_kl, binary_tv, divergence_mask_loss, topk_divergence
 
@@ -158,7 +158,8 @@ def capped(r: float, cap: float | None) -> float:
 
 
 def test_registry_lists_all_losses():
-    assert set(available_losses()) >= {"ppo", "dppo-tv", "dppo-kl", "dppo-topk-tv", "dppo-topk-kl", "cppo", "drpo"}
+    assert set(available_losses()) >= {"ppo", "dppo-tv", "dppo-kl", "dppo-topk-tv", "dppo-topk-kl", "cppo", "drpo",
+                                       "pg-is", "decoupled-ppo"}
 
 
 def test_unknown_loss_lists_available():
@@ -346,9 +347,10 @@ LOSS_KEEP = {
     "dppo-tv": lambda pi, mu, r, a, m: dppo_keep_ref(pi, mu, r, a, m, 0.1, "tv"),
     "dppo-kl": lambda pi, mu, r, a, m: dppo_keep_ref(pi, mu, r, a, m, 0.03, "kl"),
     "cppo": lambda pi, mu, r, a, m: cppo_keep_ref(pi, mu, r, a, m, 0.15, 0.8, 0.02),
+    "pg-is": lambda pi, mu, r, a, m: [[bool(v) for v in row] for row in m],  # the control masks nothing
 }
 LOSS_PARAMS = {"ppo": {"eps_low": 0.2, "eps_high": 0.28}, "dppo-tv": {"delta": 0.1}, "dppo-kl": {"delta": 0.03},
-               "cppo": {"delta": 0.15, "w_min": 0.8, "delta_b": 0.02}}
+               "cppo": {"delta": 0.15, "w_min": 0.8, "delta_b": 0.02}, "pg-is": {}}
 
 
 @pytest.mark.parametrize("cap", [None, 1.3])
@@ -612,7 +614,8 @@ def test_drpo_gradient_equals_autograd_of_objective():
 
 
 ALL_CASES = [("ppo", {}), ("dppo-tv", {"delta": 0.1}), ("dppo-kl", {"delta": 0.02}), ("cppo", {}),
-             ("drpo", {"delta": 0.1}), ("dppo-topk-tv", {"delta": 0.1}), ("dppo-topk-kl", {"delta": 0.02})]
+             ("drpo", {"delta": 0.1}), ("dppo-topk-tv", {"delta": 0.1}), ("dppo-topk-kl", {"delta": 0.02}),
+             ("pg-is", {}), ("decoupled-ppo", {})]
 
 
 def call(name, params, logp, blogp, adv, mask, **kw):
@@ -620,6 +623,8 @@ def call(name, params, logp, blogp, adv, mask, **kw):
         # a 2-id top-K: the sampled token and one other id, both moved
         params = dict(params, behavior_topk_logp=torch.stack([blogp, blogp - 1.0], -1),
                       topk_logp=torch.stack([logp.detach(), logp.detach() - 1.5], -1))
+    if name in NEEDS_PROX_LOGP:  # pi_prox = mu here; test_losses_offpolicy.py covers pi_prox != mu
+        params = dict(params, prox_logp=blogp)
     return get_loss(name)(logp, blogp, adv, mask, **params, **kw)
 
 

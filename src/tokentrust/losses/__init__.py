@@ -3,12 +3,17 @@
     from tokentrust.losses import get_loss, available_losses
     out = get_loss("dppo-tv")(logp, behavior_logp, advantages, mask, delta=0.15)
     out.loss, out.keep, out.metrics
+
+Losses named in ``NEEDS_PROX_LOGP`` (``needs_prox_logp(name)``) also take ``prox_logp=``: the
+log-probs recomputed with the weights before this step's update (decoupled PPO).
 """
 
 from tokentrust.losses.core import AGGREGATIONS, LossOutput, aggregate
 from tokentrust.losses.registry import available_losses, get_loss, register_loss
 
 # Importing the modules registers their losses.
-from tokentrust.losses import ppo, dppo, cppo, drpo  # noqa: E402,F401
+from tokentrust.losses import ppo, dppo, cppo, drpo, pg, decoupled  # noqa: E402,F401
+from tokentrust.losses.decoupled import NEEDS_PROX_LOGP, needs_prox_logp  # noqa: E402
 
-__all__ = ["AGGREGATIONS", "LossOutput", "aggregate", "available_losses", "get_loss", "register_loss"]
+__all__ = ["AGGREGATIONS", "LossOutput", "NEEDS_PROX_LOGP", "aggregate", "available_losses", "get_loss",
+           "needs_prox_logp", "register_loss"]
