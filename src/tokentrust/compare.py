@@ -34,6 +34,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "cppo": {"algo": {"loss": "cppo", "delta": 0.15}, "family": "baseline", "description": "CPPO, delta 0.15"},
     "drpo": {"algo": {"loss": "drpo", "delta": 12.5}, "family": "baseline",
              "description": "DRPO soft region, delta 12.5 (the UniRL reference setting)"},
+    "decoupled-ppo": {"algo": {"loss": "decoupled-ppo", "eps_low": 0.2}, "family": "baseline",
+                      "description": "AReaL decoupled PPO: clip vs recomputed pi_prox, eps 0.2, times pi_prox/mu"},
+    "pg-is": {"algo": {"loss": "pg-is", "is_cap": None}, "family": "control",
+              "description": "no trust region: importance-weighted policy gradient r A, uncapped"},
+    "pg-is-capped": {"algo": {"loss": "pg-is", "is_cap": 5.0}, "family": "control",
+                     "description": "no trust region: truncated IS policy gradient min(r, 5) A"},
 }
 for _kind, _short in (("frequency", "freq"), ("batch-frequency", "batch"), ("entropy", "entropy"),
                       ("combined", "combined")):
