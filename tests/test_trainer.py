@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -86,3 +87,95 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     after = trainer.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # no step was applied
     trainer.close()
+
+
+# ------------------------------------------------------------------ issue 9 defects (regression tests)
+
+def test_token_lookups_live_on_the_model_device(tmp_path):
+    """Issue 9: `bucket_of[ids]` indexed a CPU table with GPU ids. The tables now live on the model's
+    device. No CUDA here: the 'meta' device stands in for it (a CPU table indexed by meta ids gives a
+    CPU tensor of garbage rather than an error, so the device of the result is what is checked)."""
+    from tokentrust.trainer import token_tables
+
+    trainer = Trainer(resolve(overrides=tiny_overrides(tmp_path / "run")), quiet=True)
+    try:
+        t = trainer.tokens
+        assert {x.device for x in (t.rarity, t.bucket, t.rare, t.special)} == {trainer.device}
+        edges = trainer.cfg.algo.thresholds.bucket_edges
+        rows = len(t.bucket) + 7  # more model rows than tokenizer ids: padded as unseen
+        meta = token_tables(trainer.table, edges, rows, "meta")
+        ids = torch.zeros(2, 3, dtype=torch.long, device="meta")
+        for table in (meta.rarity, meta.bucket, meta.rare, meta.special):
+            assert table.device.type == "meta" and table[ids].device.type == "meta" and len(table) == rows
+        padded = token_tables(trainer.table, edges, rows, "cpu")
+        assert (padded.bucket[-7:] == len(edges) + 1).all() and padded.rare[-7:].all()  # "unseen"
+        assert torch.equal(padded.bucket[:len(t.bucket)], t.bucket)
+    finally:
+        trainer.close()
+
+
+def test_kl_and_recompute_with_micro_batches(tmp_path, one_thread):
+    """Issue 9: the extra forwards (KL reference, anchor=recompute) concatenated trimmed micro-batches
+    of different widths and crashed whenever micro_batch_size > 0. Now they train, and the log-probs
+    equal those of one whole-batch forward on every valid token."""
+    from trainer_fixtures import synthetic_reward
+
+    algo = {"loss": "ppo", "kl_coef": 0.05, "anchor": "recompute"}
+    over = tiny_overrides(tmp_path / "run", max_steps=1, algo=algo, optim={"micro_batch_size": 1},
+                          rollout={"group_size": 4, "max_new_tokens": 24})
+    with synthetic_reward():
+        trainer = Trainer(resolve(overrides=over), quiet=True)
+        try:
+            data = trainer.collect(0, {k: 0.0 for k in ("generate", "score", "other")})
+            lengths = data.batch.response_mask.sum(-1)
+            assert len(set(lengths.tolist())) > 1, "the test needs responses of different lengths"
+            by_micro = trainer._logprobs_by_micro_batch(trainer.ref_model, data.batch)
+            trainer.cfg.optim.micro_batch_size = 0
+            whole = trainer._logprobs_by_micro_batch(trainer.ref_model, data.batch)
+            trainer.cfg.optim.micro_batch_size = 1
+            mask = data.batch.response_mask.bool()
+            assert by_micro.shape == whole.shape == mask.shape
+            torch.testing.assert_close(by_micro[mask], whole[mask], rtol=1e-5, atol=1e-5)
+            rec = trainer.train_step()
+            assert math.isfinite(rec["loss/kl"]) and rec["loss/kl"] >= 0
+        finally:
+            trainer.close()
+
+
+def test_trust_region_diagnostics_are_token_weighted_with_true_maxima(tmp_path, one_thread):
+    """Issue 9: diagnostics were averaged with sequence weights, and ratio_max / abs_diff_max were
+    averaged over micro-batches and optimizer steps. Reference: the same quantities computed directly
+    on all valid tokens every loss call of the step saw (micro-batches x minibatches x epochs)."""
+    from trainer_fixtures import synthetic_reward
+
+    over = tiny_overrides(tmp_path / "run", max_steps=1, optim={"micro_batch_size": 1},
+                          rollout={"group_size": 4, "max_new_tokens": 24})
+    with synthetic_reward():
+        trainer = Trainer(resolve(overrides=over), quiet=True)
+    calls = []
+    real = trainer.loss_fn
+
+    def recording(logp, behavior_logp, advantages, mask, **params):
+        out = real(logp, behavior_logp, advantages, mask, **params)
+        m = mask.bool()
+        calls.append({"logp": logp.detach()[m], "mu": behavior_logp[m], "adv": advantages[:, None].expand_as(m)[m],
+                      "keep": out.keep[m]})
+        return out
+
+    trainer.loss_fn = recording
+    try:
+        with synthetic_reward():
+            rec = trainer.train_step()
+    finally:
+        trainer.close()
+    pool = {k: torch.cat([c[k] for c in calls]) for k in calls[0]}
+    assert len(calls) == 2 * 8 and len({len(c["keep"]) for c in calls}) > 1  # epochs x sequences, unequal lengths
+    pi, mu = pool["logp"].double().exp(), pool["mu"].double().exp()
+    ratio, diff, keep = pi / mu, (pi - mu).abs(), pool["keep"].double()
+    pos, neg = pool["adv"] > 0, pool["adv"] < 0
+    expected = {"kept_frac": keep.mean(), "kept_frac_pos": keep[pos].mean(), "kept_frac_neg": keep[neg].mean(),
+                "masked_frac": 1 - keep.mean(), "abs_diff_mean": diff.mean(), "abs_diff_max": diff.max(),
+                "ratio_mean": ratio.mean(), "ratio_max": ratio.max()}
+    assert float(ratio.max()) > 1.0 + 1e-3, "the policy must move within the step for the test to bite"
+    for k, v in expected.items():
+        assert rec[f"trust_region/{k}"] == pytest.approx(float(v), rel=1e-5, abs=1e-7), k

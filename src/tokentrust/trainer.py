@@ -43,6 +43,25 @@ class NonFiniteError(RuntimeError):
 
 
 @dataclass
+class TokenTables:
+    """Per-vocabulary-id lookups ([rows] tensors on the model's device, so GPU ids index them)."""
+
+    rarity: torch.Tensor  # float: rho = -log f
+    bucket: torch.Tensor  # long: mass buckets, then "unseen", then "special"
+    rare: torch.Tensor  # bool: beyond 95% of the corpus token mass, or unseen; never special
+    special: torch.Tensor  # bool: EOS, pad, BOS, chat-template markers
+    num_buckets: int
+    rho_ref: float
+
+
+def token_tables(table: FrequencyTable, edges: list[float], rows: int, device: torch.device | str) -> TokenTables:
+    """``table.token_info`` (ids beyond the table behave as unseen tokens) placed on ``device``."""
+    info = table.token_info(rows, edges)
+    return TokenTables(rarity=info.rarity.to(device), bucket=info.bucket.to(device), rare=info.rare.to(device),
+                       special=info.special.to(device), num_buckets=info.num_buckets, rho_ref=info.rho_ref)
+
+
+@dataclass
 class StepData:
     """A scored rollout batch, ready for the update."""
 
@@ -149,13 +168,9 @@ class Trainer:
         self.uses_delta = "delta" in self.loss_params and th.kind != "constant"
         self.batch_freq_state = BatchFrequencyState()
         self.table = self._frequency_table()
-        # lookups by vocabulary id, padded to the model's output rows (see FrequencyTable.token_info)
+        # A model may have more output rows than the tokenizer has tokens (Qwen: 152,064 vs 151,665).
         rows = max(self.table.vocab_size, self.model.get_output_embeddings().weight.shape[0])
-        info = self.table.token_info(rows, th.bucket_edges)
-        self.num_buckets = info.num_buckets  # mass buckets, "unseen", "special"
-        self.rarity, self.rho_ref, self.special = info.rarity, info.rho_ref, info.special
-        self.bucket_of = info.bucket
-        self.rare_mask = info.rare  # beyond 95% of the corpus token mass, or unseen; never special
+        self.tokens = token_tables(self.table, th.bucket_edges, rows, self.device)
 
         rollout_kwargs: dict[str, Any] = dict(max_new_tokens=cfg.rollout.max_new_tokens,
                                               temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
@@ -270,9 +285,10 @@ class Trainer:
         delta = None
         if self.uses_delta:
             delta = compute_thresholds(self.threshold_spec, cfg.algo.delta, batch.response_ids,
-                                       batch.response_mask.bool(), rarity=self.rarity, rho_ref=self.rho_ref,
-                                       entropy=batch.behavior_entropy, vocab_size=len(self.rarity),
-                                       state=self.batch_freq_state, special=self.special)
+                                       batch.response_mask.bool(), rarity=self.tokens.rarity,
+                                       rho_ref=self.tokens.rho_ref, entropy=batch.behavior_entropy,
+                                       vocab_size=len(self.tokens.rarity),
+                                       state=self.batch_freq_state, special=self.tokens.special)
         ref_logp = None
         if self.ref_model is not None or cfg.algo.anchor == "recompute":
             ref_logp, old_logp = self._extra_forwards(batch)
@@ -284,15 +300,17 @@ class Trainer:
     @torch.no_grad()
     def _extra_forwards(self, batch: RolloutBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Reference-policy log-probs (KL) and, for anchor=recompute, the current policy's."""
-        temp = self.cfg.rollout.temperature
-        ref = old = None
-        if self.ref_model is not None:
-            ref = torch.cat([response_logprobs(self.ref_model, mb, temp)[0].float()
-                             for mb in self._micro_batches(batch, range(len(batch)))])
-        if self.cfg.algo.anchor == "recompute":
-            old = torch.cat([response_logprobs(self.model, mb, temp)[0].float()
-                             for mb in self._micro_batches(batch, range(len(batch)))])
+        ref = self._logprobs_by_micro_batch(self.ref_model, batch) if self.ref_model is not None else None
+        old = self._logprobs_by_micro_batch(self.model, batch) if self.cfg.algo.anchor == "recompute" else None
         return ref, old
+
+    def _logprobs_by_micro_batch(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+        """[N, T] float32 log-probs of the sampled tokens, one trimmed micro-batch at a time (each
+        padded back to the batch width T with zeros, so micro-batches of different lengths stack)."""
+        width = batch.response_ids.shape[1]
+        parts = [response_logprobs(model, mb, self.cfg.rollout.temperature)[0].float()
+                 for mb in self._micro_batches(batch, range(len(batch)))]
+        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
 
     def _micro_batches(self, batch: RolloutBatch, index) -> list[RolloutBatch]:
         index = list(index)
@@ -304,18 +322,20 @@ class Trainer:
         cfg = self.cfg
         n = len(data.batch)
         mean = _RunningMean()
-        bucket = _BucketStats(self.num_buckets, self.device)
+        bucket = _BucketStats(self.tokens.num_buckets, self.device)
+        region = TrustRegionStats()
         self.model.train()
         gen = step_generator(cfg.seed, step, salt=29)
         for _ in range(cfg.optim.ppo_epochs):
             perm = torch.randperm(n, generator=gen).tolist()
             for idx in _split(perm, cfg.optim.minibatches):
-                mean.add(self._optimizer_step(data, idx, bucket, timings))
+                mean.add(self._optimizer_step(data, idx, bucket, region, timings))
         out = mean.result()
+        out.update(region.result())
         out.update(bucket.metrics())
         return out
 
-    def _optimizer_step(self, data: StepData, idx: list[int], bucket: _BucketStats,
+    def _optimizer_step(self, data: StepData, idx: list[int], bucket: _BucketStats, region: TrustRegionStats,
                         timings: dict[str, float]) -> dict[str, float]:
         cfg = self.cfg
         mb_mask = data.batch.response_mask[idx]
@@ -329,7 +349,6 @@ class Trainer:
             norm["horizon"] = cfg.rollout.max_new_tokens
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = defaultdict(float)  # losses: micro-batch parts of one normalised loss add up
-        tr_mean = _RunningMean()  # diagnostics: token-count-weighted mean over micro-batches
         size = cfg.optim.micro_batch_size or len(idx)
         micro = [idx[i:i + size] for i in range(0, len(idx), size)]
         for part in micro:
@@ -361,9 +380,9 @@ class Trainer:
             timings["loss"] += t2 - t1
             sums["loss/policy"] += out.loss.item()
             sums["loss/total"] += loss.item()
-            tr_mean.add({f"trust_region/{k}": v for k, v in out.metrics.items()}, weight=len(part))
-            bucket.add(self.bucket_of[mb.response_ids], out.keep, mask, mb_advantages(data, part, mask),
-                       params.get("delta"))
+            adv = mb_advantages(data, part, mask)
+            region.add(out.metrics, mask, adv)
+            bucket.add(self.tokens.bucket[mb.response_ids], out.keep, mask, adv, params.get("delta"))
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                                    cfg.optim.max_grad_norm)
         finite = math.isfinite(sums["loss/total"]) and bool(torch.isfinite(grad_norm))
@@ -381,7 +400,7 @@ class Trainer:
                                      f"loss or gradient (last loss {sums['loss/total']}, grad norm {float(grad_norm)}); "
                                      "stopping. Lower optim.lr or check the data; see optim.max_nonfinite_steps.")
         sums["actor/grad_norm"] = float(grad_norm)
-        return {**sums, **tr_mean.result()}
+        return dict(sums)
 
     def _apply_lr(self) -> None:
         w = self.cfg.optim.warmup_steps
@@ -426,10 +445,10 @@ class Trainer:
                                "train/nonfinite_skipped": self.nonfinite_total}
         if b.behavior_entropy is not None:
             rec["actor/entropy"] = float((b.behavior_entropy * mask).sum() / max(n_tok, 1))
-        shares = torch.bincount(self.bucket_of[ids.cpu()], minlength=self.num_buckets).float() / max(n_tok, 1)
+        shares = torch.bincount(self.tokens.bucket[ids], minlength=self.tokens.num_buckets).float() / max(n_tok, 1)
         for i, s in enumerate(shares.tolist()):
             rec[f"rare/share/bucket_{i}"] = s
-        rare = ids[self.rare_mask[ids.cpu()].to(ids.device)]
+        rare = ids[self.tokens.rare[ids]]
         rec["rare/distinct_rare_per_1k"] = 1000.0 * len(torch.unique(rare)) / max(n_tok, 1)
         rec["rare/share"] = len(rare) / max(n_tok, 1)
         rec.update(metrics)
@@ -535,6 +554,49 @@ class _RunningMean:
 
     def result(self) -> dict[str, float]:
         return {k: (self.sums[k] / w if w > 0 else float("nan")) for k, w in self.weights.items()}
+
+
+class TrustRegionStats:
+    """A loss's per-micro-batch trust-region metrics pooled over a whole step (all micro-batches,
+    minibatches and PPO epochs) as if computed on all its tokens at once.
+
+    Every metric a loss reports is a mean over the micro-batch's valid tokens (``*_pos`` / ``*_neg``:
+    over its tokens with A > 0 / A < 0), so the pooled value is the mean weighted by those token
+    counts; ``*_max`` / ``*_min`` pool as the maximum / minimum. Non-finite values (a metric
+    undefined for one part, e.g. no A < 0) are skipped.
+    """
+
+    def __init__(self, prefix: str = "trust_region/"):
+        self.prefix = prefix
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+        self.extremes: dict[str, float] = {}
+
+    @torch.no_grad()
+    def add(self, metrics: dict[str, float], mask: torch.Tensor, adv: torch.Tensor) -> None:
+        m = mask.bool()
+        counts = torch.stack([m.sum(), (m & (adv > 0)).sum(), (m & (adv < 0)).sum()]).tolist()
+        for k, v in metrics.items():
+            self.weights[k] += 0.0
+            if v is None or not math.isfinite(v):
+                continue
+            if k.endswith(("_max", "_min")):
+                pick = max if k.endswith("_max") else min
+                if counts[0] > 0:
+                    self.extremes[k] = pick(self.extremes.get(k, v), v)
+                continue
+            w = counts[1] if k.endswith("_pos") else counts[2] if k.endswith("_neg") else counts[0]
+            self.sums[k] += v * w
+            self.weights[k] += w
+
+    def result(self) -> dict[str, float]:
+        out = {}
+        for k, w in self.weights.items():
+            if k.endswith(("_max", "_min")):
+                out[self.prefix + k] = self.extremes.get(k, float("nan"))
+            else:
+                out[self.prefix + k] = self.sums[k] / w if w > 0 else float("nan")
+        return out
 
 
 class _BucketStats:
