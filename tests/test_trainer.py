@@ -118,6 +118,7 @@ def test_kl_and_recompute_with_micro_batches(tmp_path, one_thread):
     """Issue 9: the extra forwards (KL reference, anchor=recompute) concatenated trimmed micro-batches
     of different widths and crashed whenever micro_batch_size > 0. Now they train, and the log-probs
     equal those of one whole-batch forward on every valid token."""
+    from tokentrust.learner import logprobs_by_micro_batch
     from trainer_fixtures import synthetic_reward
 
     algo = {"loss": "ppo", "kl_coef": 0.05, "anchor": "recompute"}
@@ -126,13 +127,11 @@ def test_kl_and_recompute_with_micro_batches(tmp_path, one_thread):
     with synthetic_reward():
         trainer = Trainer(resolve(overrides=over), quiet=True)
         try:
-            data = trainer.collect(0, {k: 0.0 for k in ("generate", "score", "other")})
+            data = trainer.collector.collect(0)
             lengths = data.batch.response_mask.sum(-1)
             assert len(set(lengths.tolist())) > 1, "the test needs responses of different lengths"
-            by_micro = trainer._logprobs_by_micro_batch(trainer.ref_model, data.batch)
-            trainer.cfg.optim.micro_batch_size = 0
-            whole = trainer._logprobs_by_micro_batch(trainer.ref_model, data.batch)
-            trainer.cfg.optim.micro_batch_size = 1
+            by_micro = logprobs_by_micro_batch(trainer.ref_model, data.batch, 1.0, micro_batch_size=1)
+            whole = logprobs_by_micro_batch(trainer.ref_model, data.batch, 1.0, micro_batch_size=0)
             mask = data.batch.response_mask.bool()
             assert by_micro.shape == whole.shape == mask.shape
             torch.testing.assert_close(by_micro[mask], whole[mask], rtol=1e-5, atol=1e-5)

@@ -69,6 +69,9 @@ class RolloutConfig:
     top_p: float = 1.0
     topk: int = 20  # K recorded from mu for Top-K DPPO (only when the loss needs it)
     vllm_gpu_memory_utilization: float = 0.4
+    staleness: int = 0  # k: the update at step t uses a batch sampled by the weights of step t - k (0 = synchronous)
+    overlap: bool = False  # sample the next batch in a background thread during the update (needs staleness >= 1)
+    dtype: str = "same"  # the rollout copy's dtype: same (as the model) | float32 | bfloat16 | float16 (hf only)
 
 
 @dataclass
@@ -376,6 +379,14 @@ def validate(cfg: RunConfig) -> None:
     _check(r.top_p == 1.0, f"rollout.top_p must be 1 for training, got {r.top_p}: with a nucleus, mu is renormalised "
                            "over it while pi is the full softmax, so ratio = nucleus mass < 1 even on-policy")
     _check(r.topk >= 1, f"rollout.topk must be >= 1, got {r.topk}")
+    _check(r.staleness >= 0, f"rollout.staleness must be >= 0, got {r.staleness}")
+    _check(not r.overlap or r.staleness >= 1,
+           "rollout.overlap needs rollout.staleness >= 1 (at 0 the update waits for the batch being sampled)")
+    _check(not r.overlap or r.backend == "hf", "rollout.overlap is implemented for rollout.backend='hf' only")
+    _check(r.dtype in ("same", "float32", "bfloat16", "float16"),
+           f"rollout.dtype must be same, float32, bfloat16 or float16, got {r.dtype!r}")
+    _check(r.dtype == "same" or r.backend == "hf", f"rollout.dtype={r.dtype!r} needs rollout.backend='hf' "
+                                                   "(vLLM chooses its own dtype)")
     _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1/beta2 must be in [0, 1), got {o.beta1}, {o.beta2}")

@@ -1,0 +1,339 @@
+"""The learner: PPO-style minibatch updates of the policy on one scored batch.
+
+It owns the trainable model, the optimizer, the loss and the non-finite-step guard; it never
+samples. Per batch: ``ppo_epochs`` x ``minibatches`` optimizer steps, each forward computing only
+the sampled tokens' log-probs (micro-batches accumulate gradients), the loss from the registry,
+and diagnostics pooled over the whole step (token-weighted means, true maxima, per frequency
+bucket and advantage sign).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from tokentrust.config import RunConfig, loss_params
+from tokentrust.logits import gather_logprobs, sampled_logprobs
+from tokentrust.losses import get_loss
+from tokentrust.losses.core import aggregate
+from tokentrust.rollout.base import RolloutBatch
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+def step_generator(seed: int, step: int, salt: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator fixed by (seed, step): sampling after a resume equals sampling without one."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1))
+    return g
+
+
+# ------------------------------------------------------------------------------ forward passes
+
+def response_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: float,
+                      topk_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi of the sampled tokens [N, T] (differentiable) and, optionally, of given top-K ids.
+
+    Only the response positions' logits are computed (``logits_to_keep``), and the log-softmax
+    is taken in chunks, so no extra full [N, T, V] float32 tensor stays alive.
+    """
+    input_ids, attention_mask, position_ids = batch.sequences()
+    t = batch.response_ids.shape[1]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=t + 1, use_cache=False)
+    logits = out.logits[:, -(t + 1):-1]
+    logp = sampled_logprobs(logits, batch.response_ids, temperature=temperature)
+    topk = None
+    if topk_ids is not None:
+        with torch.no_grad():
+            topk = gather_logprobs(logits.detach(), topk_ids, temperature=temperature)
+    return logp, topk
+
+
+def trim(batch: RolloutBatch) -> RolloutBatch:
+    """Drop all-padding columns (left of the prompts, right of the responses) to save compute."""
+    p_keep = batch.prompt_mask.any(0).nonzero()
+    r_len = int(batch.response_mask.sum(-1).max().item()) if batch.response_mask.numel() else 0
+    p0 = int(p_keep[0]) if len(p_keep) else 0
+    out = {f: getattr(batch, f)[:, p0:] for f in ("prompt_ids", "prompt_mask")}
+    for f in ("response_ids", "response_mask", "behavior_logp", "behavior_topk_ids", "behavior_topk_logp",
+              "behavior_entropy"):
+        v = getattr(batch, f)
+        out[f] = v[:, :max(r_len, 1)] if v is not None else None
+    return RolloutBatch(response_texts=batch.response_texts, num_generated_tokens=batch.num_generated_tokens, **out)
+
+
+def slice_cols(x: torch.Tensor | None, batch: RolloutBatch) -> torch.Tensor | None:
+    return None if x is None else x[:, :batch.response_ids.shape[1]]
+
+
+def micro_batches(batch: RolloutBatch, index, size: int) -> list[RolloutBatch]:
+    """Trimmed micro-batches of ``size`` rows (0 = one) over ``index``."""
+    index = list(index)
+    size = size or len(index)
+    return [trim(batch.select(index[i:i + size])) for i in range(0, len(index), size)]
+
+
+@torch.no_grad()
+def logprobs_by_micro_batch(model: torch.nn.Module, batch: RolloutBatch, temperature: float,
+                            micro_batch_size: int) -> torch.Tensor:
+    """[N, T] float32 log-probs of the sampled tokens, one trimmed micro-batch at a time (each
+    padded back to the batch width T with zeros, so micro-batches of different lengths stack)."""
+    width = batch.response_ids.shape[1]
+    parts = [response_logprobs(model, mb, temperature)[0].float()
+             for mb in micro_batches(batch, range(len(batch)), micro_batch_size)]
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+
+# ------------------------------------------------------------------------------------ learner
+
+class Learner:
+    """Minibatch updates, optimizer, learning-rate warm-up and the non-finite-step guard."""
+
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, token_bucket: torch.Tensor, num_buckets: int):
+        self.cfg = cfg
+        self.model = model
+        self.token_bucket, self.num_buckets = token_bucket, num_buckets
+        self.device = token_bucket.device
+        self.loss_fn = get_loss(cfg.algo.loss)
+        self.loss_params = loss_params(cfg)
+        self.needs_topk = cfg.algo.loss.startswith("dppo-topk")
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.trainable(), lr=o.lr, betas=(o.beta1, o.beta2),
+                                           weight_decay=o.weight_decay, foreach=True)
+        self.optimizer_steps = 0
+        self.consecutive_nonfinite = 0
+        self.nonfinite_total = 0
+        self.version = 0  # completed update() calls: the policy version of the current weights
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def state(self) -> dict[str, int]:
+        return {"optimizer_steps": self.optimizer_steps, "nonfinite_total": self.nonfinite_total}
+
+    def load_state(self, state: dict[str, Any], version: int) -> None:
+        self.optimizer_steps = state.get("optimizer_steps", 0)
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.version = version
+
+    @torch.no_grad()
+    def current_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """log pi_old: the sampled tokens' log-probs under the weights before this update (eval mode)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return logprobs_by_micro_batch(self.model, batch, self.cfg.rollout.temperature,
+                                           self.cfg.optim.micro_batch_size)
+        finally:
+            self.model.train(was_training)
+
+    def update(self, data, step: int, timings: dict[str, float]) -> dict[str, float]:
+        """``ppo_epochs`` x ``minibatches`` optimizer steps on one scored batch (a ``ScoredBatch``)."""
+        cfg = self.cfg
+        if cfg.algo.anchor == "recompute":  # ablation: anchor the ratio on pi_old instead of mu
+            t0 = time.perf_counter()
+            data.batch.behavior_logp = self.current_logprobs(data.batch)
+            timings["other"] += time.perf_counter() - t0
+        n = len(data.batch)
+        mean = _RunningMean()
+        bucket = BucketStats(self.num_buckets, self.device)
+        region = TrustRegionStats()
+        self.model.train()
+        gen = step_generator(cfg.seed, step, salt=29)
+        for _ in range(cfg.optim.ppo_epochs):
+            perm = torch.randperm(n, generator=gen).tolist()
+            for idx in _split(perm, cfg.optim.minibatches):
+                mean.add(self._optimizer_step(data, idx, bucket, region, timings))
+        self.version += 1
+        out = mean.result()
+        out.update(region.result())
+        out.update(bucket.metrics())
+        return out
+
+    def _normalisers(self, mb_mask: torch.Tensor) -> dict[str, Any]:
+        """Global token / sequence counts of the minibatch, so micro-batch losses add up to its loss."""
+        agg = self.cfg.algo.agg
+        if agg == "token-mean":
+            return {"global_tokens": mb_mask.sum().clamp(min=1).float()}
+        norm: dict[str, Any] = {"global_seqs": (mb_mask.sum(-1) > 0).sum().clamp(min=1).float()}
+        if agg == "seq-mean-token-sum-norm":
+            norm["horizon"] = self.cfg.rollout.max_new_tokens
+        return norm
+
+    def _optimizer_step(self, data, idx: list[int], bucket: BucketStats, region: TrustRegionStats,
+                        timings: dict[str, float]) -> dict[str, float]:
+        cfg = self.cfg
+        norm = self._normalisers(data.batch.response_mask[idx])
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = defaultdict(float)  # losses: micro-batch parts of one normalised loss add up
+        size = cfg.optim.micro_batch_size or len(idx)
+        for part in (idx[i:i + size] for i in range(0, len(idx), size)):
+            t0 = time.perf_counter()
+            mb = trim(data.batch.select(part))
+            logp, topk = response_logprobs(self.model, mb, cfg.rollout.temperature,
+                                           mb.behavior_topk_ids if self.needs_topk else None)
+            t1 = time.perf_counter()
+            mask = mb.response_mask.bool()
+            params = dict(self.loss_params, **norm)
+            if data.delta is not None:
+                params["delta"] = slice_cols(data.delta[part], mb)
+            if self.needs_topk:
+                params["behavior_topk_logp"] = mb.behavior_topk_logp
+                params["topk_logp"] = topk
+            out = self.loss_fn(logp, mb.behavior_logp, data.advantages[part], mask, **params)
+            loss = out.loss
+            if data.ref_logp is not None:
+                ref = slice_cols(data.ref_logp[part], mb)
+                log_r = (ref - logp).clamp(-20, 20)
+                kl = aggregate(log_r.exp() - log_r - 1, mask, cfg.algo.agg, **norm)
+                loss = loss + cfg.algo.kl_coef * kl
+                sums["loss/kl"] += kl.item()
+            t2 = time.perf_counter()
+            loss.backward()
+            t3 = time.perf_counter()
+            timings["forward_backward"] += (t1 - t0) + (t3 - t2)
+            timings["loss"] += t2 - t1
+            sums["loss/policy"] += out.loss.item()
+            sums["loss/total"] += loss.item()
+            adv = data.advantages[part][:, None].expand_as(mask)
+            region.add(out.metrics, mask, adv)
+            bucket.add(self.token_bucket[mb.response_ids], out.keep, mask, adv, params.get("delta"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable(), cfg.optim.max_grad_norm)
+        self._apply_or_skip(sums["loss/total"], grad_norm)
+        sums["actor/grad_norm"] = float(grad_norm)
+        return dict(sums)
+
+    def _apply_or_skip(self, loss: float, grad_norm: torch.Tensor) -> None:
+        """Take the optimizer step, or skip it when the loss or gradient is not finite (and stop the
+        run after ``optim.max_nonfinite_steps`` consecutive skips)."""
+        if math.isfinite(loss) and bool(torch.isfinite(grad_norm)):
+            self._apply_lr()
+            self.optimizer.step()
+            self.optimizer_steps += 1
+            self.consecutive_nonfinite = 0
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        self.consecutive_nonfinite += 1
+        self.nonfinite_total += 1
+        if self.consecutive_nonfinite >= self.cfg.optim.max_nonfinite_steps:
+            raise NonFiniteError(f"{self.consecutive_nonfinite} consecutive optimizer steps had a non-finite "
+                                 f"loss or gradient (last loss {loss}, grad norm {float(grad_norm)}); "
+                                 "stopping. Lower optim.lr or check the data; see optim.max_nonfinite_steps.")
+
+    def _apply_lr(self) -> None:
+        w = self.cfg.optim.warmup_steps
+        scale = min(1.0, (self.optimizer_steps + 1) / w) if w > 0 else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.optim.lr * scale
+
+
+# -------------------------------------------------------------------------------- diagnostics
+
+def _split(items: list[int], parts: int) -> list[list[int]]:
+    size = math.ceil(len(items) / parts)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+class _RunningMean:
+    """Weighted mean per key that skips NaN values (a metric undefined for one part, e.g. no A < 0)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+
+    def add(self, values: dict[str, float], weight: float = 1.0) -> None:
+        for k, v in values.items():
+            self.weights[k] += 0.0
+            if v is not None and math.isfinite(v):
+                self.sums[k] += v * weight
+                self.weights[k] += weight
+
+    def result(self) -> dict[str, float]:
+        return {k: (self.sums[k] / w if w > 0 else float("nan")) for k, w in self.weights.items()}
+
+
+class TrustRegionStats:
+    """A loss's per-micro-batch trust-region metrics pooled over a whole step (all micro-batches,
+    minibatches and PPO epochs) as if computed on all its tokens at once.
+
+    Every metric a loss reports is a mean over the micro-batch's valid tokens (``*_pos`` / ``*_neg``:
+    over its tokens with A > 0 / A < 0), so the pooled value is the mean weighted by those token
+    counts; ``*_max`` / ``*_min`` pool as the maximum / minimum. Non-finite values (a metric
+    undefined for one part, e.g. no A < 0) are skipped.
+    """
+
+    def __init__(self, prefix: str = "trust_region/"):
+        self.prefix = prefix
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+        self.extremes: dict[str, float] = {}
+
+    @torch.no_grad()
+    def add(self, metrics: dict[str, float], mask: torch.Tensor, adv: torch.Tensor) -> None:
+        m = mask.bool()
+        counts = torch.stack([m.sum(), (m & (adv > 0)).sum(), (m & (adv < 0)).sum()]).tolist()
+        for k, v in metrics.items():
+            self.weights[k] += 0.0
+            if v is None or not math.isfinite(v):
+                continue
+            if k.endswith(("_max", "_min")):
+                pick = max if k.endswith("_max") else min
+                if counts[0] > 0:
+                    self.extremes[k] = pick(self.extremes.get(k, v), v)
+                continue
+            w = counts[1] if k.endswith("_pos") else counts[2] if k.endswith("_neg") else counts[0]
+            self.sums[k] += v * w
+            self.weights[k] += w
+
+    def result(self) -> dict[str, float]:
+        out = {}
+        for k, w in self.weights.items():
+            if k.endswith(("_max", "_min")):
+                out[self.prefix + k] = self.extremes.get(k, float("nan"))
+            else:
+                out[self.prefix + k] = self.sums[k] / w if w > 0 else float("nan")
+        return out
+
+
+class BucketStats:
+    """Kept fraction and mean delta per corpus-frequency bucket (and advantage sign)."""
+
+    def __init__(self, num_buckets: int, device: torch.device):
+        self.n = num_buckets
+        z = lambda: torch.zeros(num_buckets, device=device)  # noqa: E731
+        self.kept, self.count, self.delta = z(), z(), z()
+        self.kept_pos, self.count_pos, self.kept_neg, self.count_neg = z(), z(), z(), z()
+
+    @torch.no_grad()
+    def add(self, buckets: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor,
+            delta: torch.Tensor | float | None) -> None:
+        b = buckets.to(keep.device)[mask]
+        k = keep[mask].float()
+        self.count += torch.bincount(b, minlength=self.n).float()
+        self.kept += torch.bincount(b, weights=k, minlength=self.n)
+        a = adv[mask]
+        for sel, kept, cnt in ((a > 0, self.kept_pos, self.count_pos), (a < 0, self.kept_neg, self.count_neg)):
+            cnt += torch.bincount(b[sel], minlength=self.n).float()
+            kept += torch.bincount(b[sel], weights=k[sel], minlength=self.n)
+        if isinstance(delta, torch.Tensor):
+            self.delta += torch.bincount(b, weights=delta[mask].float(), minlength=self.n)
+        elif delta is not None:
+            self.delta += torch.bincount(b, minlength=self.n).float() * float(delta)
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        rows = torch.stack([self.kept / self.count, self.delta / self.count, self.kept_pos / self.count_pos,
+                            self.kept_neg / self.count_neg]).tolist()
+        for i in range(self.n):
+            out[f"trust_region/kept_frac/bucket_{i}"] = rows[0][i]
+            out[f"trust_region/delta_mean/bucket_{i}"] = rows[1][i]
+            out[f"trust_region/kept_frac/bucket_{i}/pos"] = rows[2][i]
+            out[f"trust_region/kept_frac/bucket_{i}/neg"] = rows[3][i]
+        return out
