@@ -134,6 +134,7 @@ class LogConfig:
     keep_checkpoints: int = 2
     tensorboard: bool = True
     progress: bool = True
+    mismatch: bool = False  # one extra no-grad forward per step: mu vs pi_old (mismatch/* metrics)
 
 
 @dataclass

@@ -9,6 +9,7 @@ bucket and advantage sign).
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections import defaultdict
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from tokentrust.config import RunConfig, loss_params
+from tokentrust.diagnostics import BucketStats, RunningMean, TrustRegionStats, mismatch_metrics
 from tokentrust.logits import gather_logprobs, sampled_logprobs
 from tokentrust.losses import get_loss
 from tokentrust.losses.core import aggregate
@@ -91,6 +93,13 @@ def logprobs_by_micro_batch(model: torch.nn.Module, batch: RolloutBatch, tempera
     return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
 
 
+def takes_prox_logp(loss_fn) -> bool:
+    """Whether a loss takes ``prox_logp`` (decoupled PPO; ``tokentrust.losses.NEEDS_PROX_LOGP``):
+    the learner then passes log pi_old recomputed with its weights before the update, while
+    ``behavior_logp`` stays mu, the rollout's log-probs."""
+    return "prox_logp" in inspect.signature(loss_fn).parameters
+
+
 # ------------------------------------------------------------------------------------ learner
 
 class Learner:
@@ -104,6 +113,7 @@ class Learner:
         self.loss_fn = get_loss(cfg.algo.loss)
         self.loss_params = loss_params(cfg)
         self.needs_topk = cfg.algo.loss.startswith("dppo-topk")
+        self.needs_prox = takes_prox_logp(self.loss_fn)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.trainable(), lr=o.lr, betas=(o.beta1, o.beta2),
                                            weight_decay=o.weight_decay, foreach=True)
@@ -111,6 +121,7 @@ class Learner:
         self.consecutive_nonfinite = 0
         self.nonfinite_total = 0
         self.version = 0  # completed update() calls: the policy version of the current weights
+        self.prox_logp: torch.Tensor | None = None  # [N, T] of the batch being updated on, when the loss needs it
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -137,12 +148,9 @@ class Learner:
     def update(self, data, step: int, timings: dict[str, float]) -> dict[str, float]:
         """``ppo_epochs`` x ``minibatches`` optimizer steps on one scored batch (a ``ScoredBatch``)."""
         cfg = self.cfg
-        if cfg.algo.anchor == "recompute":  # ablation: anchor the ratio on pi_old instead of mu
-            t0 = time.perf_counter()
-            data.batch.behavior_logp = self.current_logprobs(data.batch)
-            timings["other"] += time.perf_counter() - t0
+        extra = self._before_update(data, timings)
         n = len(data.batch)
-        mean = _RunningMean()
+        mean = RunningMean()
         bucket = BucketStats(self.num_buckets, self.device)
         region = TrustRegionStats()
         self.model.train()
@@ -155,7 +163,30 @@ class Learner:
         out = mean.result()
         out.update(region.result())
         out.update(bucket.metrics())
+        out.update(extra)
         return out
+
+    def _before_update(self, data, timings: dict[str, float]) -> dict[str, float]:
+        """One no-grad forward with the weights before the update (log pi_old), when something needs it:
+        anchor=recompute (the ratio's anchor becomes pi_old), a loss taking ``prox_logp`` (decoupled
+        PPO: pi_prox = pi_old, mu stays the behaviour policy), or log.mismatch (mu vs pi_old)."""
+        cfg = self.cfg
+        self.prox_logp = None
+        if not (cfg.algo.anchor == "recompute" or self.needs_prox or cfg.log.mismatch):
+            return {}
+        t0 = time.perf_counter()
+        old = self.current_logprobs(data.batch)
+        metrics = {}
+        if cfg.log.mismatch:
+            b = data.batch
+            metrics = mismatch_metrics(b.behavior_logp, old, b.response_mask, self.token_bucket[b.response_ids],
+                                       self.num_buckets)
+        if cfg.algo.anchor == "recompute":  # ablation: anchor the ratio on pi_old instead of mu
+            data.batch.behavior_logp = old
+        if self.needs_prox:
+            self.prox_logp = old
+        timings["other"] += time.perf_counter() - t0
+        return metrics
 
     def _normalisers(self, mb_mask: torch.Tensor) -> dict[str, Any]:
         """Global token / sequence counts of the minibatch, so micro-batch losses add up to its loss."""
@@ -184,6 +215,8 @@ class Learner:
             params = dict(self.loss_params, **norm)
             if data.delta is not None:
                 params["delta"] = slice_cols(data.delta[part], mb)
+            if self.prox_logp is not None:
+                params["prox_logp"] = slice_cols(self.prox_logp[part], mb)
             if self.needs_topk:
                 params["behavior_topk_logp"] = mb.behavior_topk_logp
                 params["topk_logp"] = topk
@@ -234,106 +267,6 @@ class Learner:
             group["lr"] = self.cfg.optim.lr * scale
 
 
-# -------------------------------------------------------------------------------- diagnostics
-
 def _split(items: list[int], parts: int) -> list[list[int]]:
     size = math.ceil(len(items) / parts)
     return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-class _RunningMean:
-    """Weighted mean per key that skips NaN values (a metric undefined for one part, e.g. no A < 0)."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = defaultdict(float)
-        self.weights: dict[str, float] = defaultdict(float)
-
-    def add(self, values: dict[str, float], weight: float = 1.0) -> None:
-        for k, v in values.items():
-            self.weights[k] += 0.0
-            if v is not None and math.isfinite(v):
-                self.sums[k] += v * weight
-                self.weights[k] += weight
-
-    def result(self) -> dict[str, float]:
-        return {k: (self.sums[k] / w if w > 0 else float("nan")) for k, w in self.weights.items()}
-
-
-class TrustRegionStats:
-    """A loss's per-micro-batch trust-region metrics pooled over a whole step (all micro-batches,
-    minibatches and PPO epochs) as if computed on all its tokens at once.
-
-    Every metric a loss reports is a mean over the micro-batch's valid tokens (``*_pos`` / ``*_neg``:
-    over its tokens with A > 0 / A < 0), so the pooled value is the mean weighted by those token
-    counts; ``*_max`` / ``*_min`` pool as the maximum / minimum. Non-finite values (a metric
-    undefined for one part, e.g. no A < 0) are skipped.
-    """
-
-    def __init__(self, prefix: str = "trust_region/"):
-        self.prefix = prefix
-        self.sums: dict[str, float] = defaultdict(float)
-        self.weights: dict[str, float] = defaultdict(float)
-        self.extremes: dict[str, float] = {}
-
-    @torch.no_grad()
-    def add(self, metrics: dict[str, float], mask: torch.Tensor, adv: torch.Tensor) -> None:
-        m = mask.bool()
-        counts = torch.stack([m.sum(), (m & (adv > 0)).sum(), (m & (adv < 0)).sum()]).tolist()
-        for k, v in metrics.items():
-            self.weights[k] += 0.0
-            if v is None or not math.isfinite(v):
-                continue
-            if k.endswith(("_max", "_min")):
-                pick = max if k.endswith("_max") else min
-                if counts[0] > 0:
-                    self.extremes[k] = pick(self.extremes.get(k, v), v)
-                continue
-            w = counts[1] if k.endswith("_pos") else counts[2] if k.endswith("_neg") else counts[0]
-            self.sums[k] += v * w
-            self.weights[k] += w
-
-    def result(self) -> dict[str, float]:
-        out = {}
-        for k, w in self.weights.items():
-            if k.endswith(("_max", "_min")):
-                out[self.prefix + k] = self.extremes.get(k, float("nan"))
-            else:
-                out[self.prefix + k] = self.sums[k] / w if w > 0 else float("nan")
-        return out
-
-
-class BucketStats:
-    """Kept fraction and mean delta per corpus-frequency bucket (and advantage sign)."""
-
-    def __init__(self, num_buckets: int, device: torch.device):
-        self.n = num_buckets
-        z = lambda: torch.zeros(num_buckets, device=device)  # noqa: E731
-        self.kept, self.count, self.delta = z(), z(), z()
-        self.kept_pos, self.count_pos, self.kept_neg, self.count_neg = z(), z(), z(), z()
-
-    @torch.no_grad()
-    def add(self, buckets: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor,
-            delta: torch.Tensor | float | None) -> None:
-        b = buckets.to(keep.device)[mask]
-        k = keep[mask].float()
-        self.count += torch.bincount(b, minlength=self.n).float()
-        self.kept += torch.bincount(b, weights=k, minlength=self.n)
-        a = adv[mask]
-        for sel, kept, cnt in ((a > 0, self.kept_pos, self.count_pos), (a < 0, self.kept_neg, self.count_neg)):
-            cnt += torch.bincount(b[sel], minlength=self.n).float()
-            kept += torch.bincount(b[sel], weights=k[sel], minlength=self.n)
-        if isinstance(delta, torch.Tensor):
-            self.delta += torch.bincount(b, weights=delta[mask].float(), minlength=self.n)
-        elif delta is not None:
-            self.delta += torch.bincount(b, minlength=self.n).float() * float(delta)
-
-    def metrics(self) -> dict[str, float]:
-        out = {}
-        rows = torch.stack([self.kept / self.count, self.delta / self.count, self.kept_pos / self.count_pos,
-                            self.kept_neg / self.count_neg]).tolist()
-        for i in range(self.n):
-            out[f"trust_region/kept_frac/bucket_{i}"] = rows[0][i]
-            out[f"trust_region/delta_mean/bucket_{i}"] = rows[1][i]
-            out[f"trust_region/kept_frac/bucket_{i}/pos"] = rows[2][i]
-            out[f"trust_region/kept_frac/bucket_{i}/neg"] = rows[3][i]
-        return out

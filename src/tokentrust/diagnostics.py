@@ -1,0 +1,143 @@
+"""Diagnostics of one training step, pooled over all its micro-batches, minibatches and epochs.
+
+* ``TrustRegionStats``: a loss's trust-region metrics, token-weighted, with true maxima;
+* ``BucketStats``: kept fraction and mean delta per corpus-frequency bucket and advantage sign;
+* ``RunningMean``: plain per-key means (losses, gradient norms over optimizer steps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+
+class RunningMean:
+    """Weighted mean per key that skips NaN values (a metric undefined for one part, e.g. no A < 0)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+
+    def add(self, values: dict[str, float], weight: float = 1.0) -> None:
+        for k, v in values.items():
+            self.weights[k] += 0.0
+            if v is not None and math.isfinite(v):
+                self.sums[k] += v * weight
+                self.weights[k] += weight
+
+    def result(self) -> dict[str, float]:
+        return {k: (self.sums[k] / w if w > 0 else float("nan")) for k, w in self.weights.items()}
+
+
+class TrustRegionStats:
+    """A loss's per-micro-batch trust-region metrics pooled over a whole step (all micro-batches,
+    minibatches and PPO epochs) as if computed on all its tokens at once.
+
+    Every metric a loss reports is a mean over the micro-batch's valid tokens (``*_pos`` / ``*_neg``:
+    over its tokens with A > 0 / A < 0), so the pooled value is the mean weighted by those token
+    counts; ``*_max`` / ``*_min`` pool as the maximum / minimum. Non-finite values (a metric
+    undefined for one part, e.g. no A < 0) are skipped.
+    """
+
+    def __init__(self, prefix: str = "trust_region/"):
+        self.prefix = prefix
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+        self.extremes: dict[str, float] = {}
+
+    @torch.no_grad()
+    def add(self, metrics: dict[str, float], mask: torch.Tensor, adv: torch.Tensor) -> None:
+        m = mask.bool()
+        counts = torch.stack([m.sum(), (m & (adv > 0)).sum(), (m & (adv < 0)).sum()]).tolist()
+        for k, v in metrics.items():
+            self.weights[k] += 0.0
+            if v is None or not math.isfinite(v):
+                continue
+            if k.endswith(("_max", "_min")):
+                pick = max if k.endswith("_max") else min
+                if counts[0] > 0:
+                    self.extremes[k] = pick(self.extremes.get(k, v), v)
+                continue
+            w = counts[1] if k.endswith("_pos") else counts[2] if k.endswith("_neg") else counts[0]
+            self.sums[k] += v * w
+            self.weights[k] += w
+
+    def result(self) -> dict[str, float]:
+        out = {}
+        for k, w in self.weights.items():
+            if k.endswith(("_max", "_min")):
+                out[self.prefix + k] = self.extremes.get(k, float("nan"))
+            else:
+                out[self.prefix + k] = self.sums[k] / w if w > 0 else float("nan")
+        return out
+
+
+class BucketStats:
+    """Kept fraction and mean delta per corpus-frequency bucket (and advantage sign)."""
+
+    def __init__(self, num_buckets: int, device: torch.device):
+        self.n = num_buckets
+        z = lambda: torch.zeros(num_buckets, device=device)  # noqa: E731
+        self.kept, self.count, self.delta = z(), z(), z()
+        self.kept_pos, self.count_pos, self.kept_neg, self.count_neg = z(), z(), z(), z()
+
+    @torch.no_grad()
+    def add(self, buckets: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor,
+            delta: torch.Tensor | float | None) -> None:
+        b = buckets.to(keep.device)[mask]
+        k = keep[mask].float()
+        self.count += torch.bincount(b, minlength=self.n).float()
+        self.kept += torch.bincount(b, weights=k, minlength=self.n)
+        a = adv[mask]
+        for sel, kept, cnt in ((a > 0, self.kept_pos, self.count_pos), (a < 0, self.kept_neg, self.count_neg)):
+            cnt += torch.bincount(b[sel], minlength=self.n).float()
+            kept += torch.bincount(b[sel], weights=k[sel], minlength=self.n)
+        if isinstance(delta, torch.Tensor):
+            self.delta += torch.bincount(b, weights=delta[mask].float(), minlength=self.n)
+        elif delta is not None:
+            self.delta += torch.bincount(b, minlength=self.n).float() * float(delta)
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        rows = torch.stack([self.kept / self.count, self.delta / self.count, self.kept_pos / self.count_pos,
+                            self.kept_neg / self.count_neg]).tolist()
+        for i in range(self.n):
+            out[f"trust_region/kept_frac/bucket_{i}"] = rows[0][i]
+            out[f"trust_region/delta_mean/bucket_{i}"] = rows[1][i]
+            out[f"trust_region/kept_frac/bucket_{i}/pos"] = rows[2][i]
+            out[f"trust_region/kept_frac/bucket_{i}/neg"] = rows[3][i]
+        return out
+
+
+@torch.no_grad()
+def mismatch_metrics(behavior_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor,
+                     buckets: torch.Tensor, num_buckets: int) -> dict[str, float]:
+    """How far the sampler (mu) is from the learner's weights before the update (pi_old) on the
+    sampled tokens: everything between the two, i.e. the rollout engine's numerics (dtype, kernels)
+    and, with rollout.staleness > 0, the updates the sampler has not seen yet.
+
+    With d = log mu - log pi_old per valid token (tokens are samples of mu):
+    ``logp_abs_diff_mean|max`` = mean / max |d|; ``kl_k1`` = mean d and ``kl_k3`` = mean(e^-d - 1 + d),
+    both unbiased estimates of KL(mu || pi_old) (k3 is >= 0 per token, lower variance: Schulman's
+    k3); ``ratio_outside_10pct`` = share of tokens with pi_old / mu outside [0.9, 1.1]. The mean |d|
+    and k3 are also given per corpus-frequency bucket (``.../bucket_<i>``, NaN where empty).
+    """
+    m = mask.bool()
+    d = (behavior_logp.float() - old_logp.float())[m].clamp(-20.0, 20.0)
+    if d.numel() == 0:
+        return {}
+    k3 = (-d).exp() - 1 + d
+    ratio = (-d).exp()
+    vals = torch.stack([d.abs().mean(), d.abs().max(), d.mean(), k3.mean(),
+                        ((ratio < 0.9) | (ratio > 1.1)).float().mean()]).tolist()
+    out = dict(zip(("logp_abs_diff_mean", "logp_abs_diff_max", "kl_k1", "kl_k3", "ratio_outside_10pct"), vals))
+    b = buckets.to(d.device)[m]
+    count = torch.bincount(b, minlength=num_buckets).double()
+    per = torch.stack([torch.bincount(b, weights=d.abs().double(), minlength=num_buckets) / count,
+                       torch.bincount(b, weights=k3.double(), minlength=num_buckets) / count]).tolist()
+    for i in range(num_buckets):
+        out[f"logp_abs_diff_mean/bucket_{i}"] = per[0][i]
+        out[f"kl_k3/bucket_{i}"] = per[1][i]
+    return {f"mismatch/{k}": v for k, v in out.items()}

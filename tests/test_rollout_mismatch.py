@@ -1,0 +1,97 @@
+"""Training-inference mismatch on purpose (rollout.dtype) and its measurement (log.mismatch), and the
+pre-update forward that gives decoupled PPO its proximal log-probs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from tokentrust.config import resolve
+from tokentrust.diagnostics import mismatch_metrics
+from tokentrust.learner import logprobs_by_micro_batch, step_generator, takes_prox_logp, trim
+from tokentrust.losses import get_loss
+from tokentrust.trainer import Trainer
+from trainer_fixtures import synthetic_reward
+
+
+def test_mismatch_metrics_by_hand():
+    mu = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -3.0, 0.0]])
+    old = torch.tensor([[-1.2, -2.0, -0.4], [-0.1, -2.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    buckets = torch.tensor([[0, 1, 0], [2, 2, 1]])
+    out = mismatch_metrics(mu, old, mask, buckets, num_buckets=4)
+    d = [0.2, 0.0, -0.1, 0.0, -1.0]  # log mu - log pi_old on the five valid tokens
+    k3 = [math.exp(-x) - 1 + x for x in d]
+    assert out["mismatch/logp_abs_diff_mean"] == pytest.approx(sum(abs(x) for x in d) / 5)
+    assert out["mismatch/logp_abs_diff_max"] == pytest.approx(1.0)
+    assert out["mismatch/kl_k1"] == pytest.approx(sum(d) / 5)
+    assert out["mismatch/kl_k3"] == pytest.approx(sum(k3) / 5)
+    assert out["mismatch/ratio_outside_10pct"] == pytest.approx(3 / 5)  # ratios e^-0.2=0.82, e^0.1=1.105, e^1
+    assert out["mismatch/logp_abs_diff_mean/bucket_0"] == pytest.approx((0.2 + 0.1) / 2)
+    assert out["mismatch/kl_k3/bucket_2"] == pytest.approx((k3[3] + k3[4]) / 2)
+    assert out["mismatch/logp_abs_diff_mean/bucket_1"] == pytest.approx(0.0)  # the masked token is left out
+    assert math.isnan(out["mismatch/kl_k3/bucket_3"])
+
+
+def _first_record(tmp_path, one_thread, **rollout):
+    over = tiny_overrides(tmp_path, max_steps=1, rollout={"group_size": 4, **rollout}, log={"mismatch": True})
+    with synthetic_reward():
+        trainer = Trainer(resolve(overrides=over), quiet=True)
+        try:
+            return trainer.train_step()
+        finally:
+            trainer.close()
+
+
+def test_bf16_rollout_gives_a_measured_mismatch_fp32_none(tmp_path, one_thread):
+    same = _first_record(tmp_path / "same", one_thread)
+    fp32_copy = _first_record(tmp_path / "fp32", one_thread, dtype="float32")
+    bf16 = _first_record(tmp_path / "bf16", one_thread, dtype="bfloat16")
+    for rec in (same, fp32_copy):
+        assert rec["mismatch/logp_abs_diff_max"] < 1e-4 and abs(rec["mismatch/kl_k3"]) < 1e-8
+    assert bf16["mismatch/logp_abs_diff_mean"] > 1e-3 and bf16["mismatch/kl_k3"] > 1e-6
+    assert bf16["mismatch/logp_abs_diff_max"] > 100 * same["mismatch/logp_abs_diff_max"]
+    assert any(math.isfinite(v) and v > 0 for k, v in bf16.items() if k.startswith("mismatch/kl_k3/bucket_"))
+
+
+def test_a_loss_taking_prox_logp_gets_pi_old_and_mu(tmp_path, one_thread):
+    """Decoupled PPO's hook: prox_logp = log-probs under the weights before the update, recomputed by the
+    learner; behavior_logp stays mu (the rollout's). Checked at step 2 of a staleness-1 run, where the
+    two differ: mu comes from the initial weights, pi_old from the weights after step 1."""
+    ppo = get_loss("ppo")
+    seen = []
+
+    def prox_loss(logp, behavior_logp, advantages, mask, *, prox_logp=None, **params):
+        seen.append((behavior_logp.clone(), prox_logp.clone(), mask.clone()))
+        return ppo(logp, behavior_logp, advantages, mask, **params)
+
+    assert takes_prox_logp(prox_loss) and not takes_prox_logp(ppo)
+    over = tiny_overrides(tmp_path / "run", max_steps=2, rollout={"group_size": 4, "staleness": 1},
+                          optim={"minibatches": 1, "ppo_epochs": 1}, algo={"loss": "ppo"})
+    with synthetic_reward():
+        trainer = Trainer(resolve(overrides=over), quiet=True)
+        trainer.loss_fn = prox_loss
+        trainer.learner.needs_prox = takes_prox_logp(prox_loss)
+        try:
+            trainer.train_step()
+            after_step_1 = {n: v.clone() for n, v in trainer.model.state_dict().items()}
+            batch = trainer.pipeline.queue[0].batch.select(range(len(trainer.pipeline.queue[0].batch)))
+            seen.clear()
+            trainer.train_step()
+            check = Trainer(resolve(overrides=tiny_overrides(tmp_path / "check")), quiet=True)
+        finally:
+            trainer.close()
+    check.model.load_state_dict(after_step_1)
+    # the one minibatch of step 2 holds the rows in the learner's permutation order
+    batch = trim(batch.select(torch.randperm(len(batch), generator=step_generator(0, 2, salt=29))))
+    pi_old = logprobs_by_micro_batch(check.model.eval(), batch, 1.0, 0)
+    check.close()
+    (mu, prox, mask), = seen
+    m = batch.response_mask.bool()
+    assert torch.equal(mask, m)
+    torch.testing.assert_close(mu[m], batch.behavior_logp[m])  # mu untouched
+    torch.testing.assert_close(prox[m], pi_old[m], rtol=1e-5, atol=1e-5)
+    assert (prox[m] - mu[m]).abs().max() > 1e-3  # stale: pi_old is not mu
