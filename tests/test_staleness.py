@@ -99,6 +99,8 @@ def test_resume_with_batches_in_flight_equals_an_uninterrupted_run(tmp_path, one
     b = _deterministic(read_jsonl(tmp_path / "part" / "metrics.jsonl"))
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
     assert a == b
+    # the run's masked-token counts survive the resume too
+    assert (full / "masked_tokens.json").read_text() == (tmp_path / "part" / "masked_tokens.json").read_text()
 
 
 def test_resume_refuses_a_different_staleness(tmp_path):

@@ -141,3 +141,76 @@ def mismatch_metrics(behavior_logp: torch.Tensor, old_logp: torch.Tensor, mask: 
         out[f"logp_abs_diff_mean/bucket_{i}"] = per[0][i]
         out[f"kl_k3/bucket_{i}"] = per[1][i]
     return {f"mismatch/{k}": v for k, v in out.items()}
+
+
+class EpochStats:
+    """Masked fraction and mean |pi - mu| per PPO epoch: overall, by advantage sign, by frequency bucket.
+
+    Keys ``trust_region/epoch_<e>/masked_frac`` and ``.../abs_diff_mean``, each also ``/pos`` and
+    ``/neg`` (tokens with A > 0 / A < 0) and ``/bucket_<i>``; token-weighted over the epoch's minibatches.
+    """
+
+    def __init__(self, num_buckets: int, device: torch.device):
+        self.n, self.device = num_buckets, device
+        self.acc: dict[int, torch.Tensor] = {}  # epoch -> [sign (all, pos, neg), (count, masked, |pi-mu|), bucket]
+
+    @torch.no_grad()
+    def add(self, epoch: int, buckets: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor,
+            abs_diff: torch.Tensor) -> None:
+        acc = self.acc.setdefault(epoch, torch.zeros(3, 3, self.n, dtype=torch.float64, device=self.device))
+        m = mask.bool()
+        b, masked, diff, a = buckets.to(m.device)[m], (~keep[m]).double(), abs_diff[m].double(), adv[m]
+        for row, sel in enumerate((torch.ones_like(a, dtype=torch.bool), a > 0, a < 0)):
+            for col, w in enumerate((None, masked, diff)):
+                acc[row, col] += torch.bincount(b[sel], weights=None if w is None else w[sel],
+                                                minlength=self.n).to(acc.dtype)
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for e, acc in sorted(self.acc.items()):
+            total = acc.sum(-1)  # [sign, (count, masked, diff)]
+            frac = (total[:, 1:] / total[:, :1]).tolist()  # NaN when no token has that sign
+            per_bucket = (acc[0, 1:] / acc[0, :1]).tolist()
+            pre = f"trust_region/epoch_{e}"
+            for sign, (mf, ad) in zip(("", "/pos", "/neg"), frac):
+                out[f"{pre}/masked_frac{sign}"], out[f"{pre}/abs_diff_mean{sign}"] = mf, ad
+            for i in range(self.n):
+                out[f"{pre}/masked_frac/bucket_{i}"] = per_bucket[0][i]
+                out[f"{pre}/abs_diff_mean/bucket_{i}"] = per_bucket[1][i]
+        return out
+
+
+class MaskedTokenCounter:
+    """How often each vocabulary id was masked by the trust region over a run (counted per loss call,
+    i.e. once per PPO epoch), and how often it was seen, for the run's most-masked tokens."""
+
+    def __init__(self, rows: int, device: torch.device):
+        self.masked = torch.zeros(rows, dtype=torch.long, device=device)
+        self.seen = torch.zeros(rows, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def add(self, ids: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor) -> None:
+        m = mask.bool()
+        n = len(self.seen)
+        self.seen += torch.bincount(ids[m], minlength=n)[:n]
+        self.masked += torch.bincount(ids[m & ~keep], minlength=n)[:n]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"masked_token_counts": self.masked.cpu(), "seen_token_counts": self.seen.cpu()}
+
+    def load_state(self, state: dict) -> None:
+        if state.get("masked_token_counts") is not None:
+            self.masked.copy_(state["masked_token_counts"])
+            self.seen.copy_(state["seen_token_counts"])
+
+    def top(self, k: int, tokenizer) -> list[dict]:
+        """The ``k`` most-masked ids (ties by id) with counts, masked share and decoded text."""
+        order = torch.argsort(-self.masked, stable=True)[:k].tolist()  # ties by id
+        masked, seen = self.masked.tolist(), self.seen.tolist()
+        out = []
+        for i in order:
+            if masked[i] == 0:
+                break
+            out.append({"id": i, "text": tokenizer.decode([i]) if i < len(tokenizer) else None, "masked": masked[i],
+                        "seen": seen[i], "masked_share": masked[i] / max(seen[i], 1)})
+        return out

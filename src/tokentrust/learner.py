@@ -13,12 +13,14 @@ import inspect
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tokentrust.config import RunConfig, loss_params
-from tokentrust.diagnostics import BucketStats, RunningMean, TrustRegionStats, mismatch_metrics
+from tokentrust.diagnostics import (BucketStats, EpochStats, MaskedTokenCounter, RunningMean, TrustRegionStats,
+                                    mismatch_metrics)
 from tokentrust.logits import gather_logprobs, sampled_logprobs
 from tokentrust.losses import get_loss
 from tokentrust.losses.core import aggregate
@@ -122,6 +124,7 @@ class Learner:
         self.nonfinite_total = 0
         self.version = 0  # completed update() calls: the policy version of the current weights
         self.prox_logp: torch.Tensor | None = None  # [N, T] of the batch being updated on, when the loss needs it
+        self.masked_tokens = MaskedTokenCounter(len(token_bucket), self.device)  # over the whole run
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -153,16 +156,18 @@ class Learner:
         mean = RunningMean()
         bucket = BucketStats(self.num_buckets, self.device)
         region = TrustRegionStats()
+        stats = _StepStats(bucket, region, EpochStats(self.num_buckets, self.device))
         self.model.train()
         gen = step_generator(cfg.seed, step, salt=29)
-        for _ in range(cfg.optim.ppo_epochs):
+        for stats.epoch in range(cfg.optim.ppo_epochs):
             perm = torch.randperm(n, generator=gen).tolist()
             for idx in _split(perm, cfg.optim.minibatches):
-                mean.add(self._optimizer_step(data, idx, bucket, region, timings))
+                mean.add(self._optimizer_step(data, idx, stats, timings))
         self.version += 1
         out = mean.result()
         out.update(region.result())
         out.update(bucket.metrics())
+        out.update(stats.epochs.metrics())
         out.update(extra)
         return out
 
@@ -198,8 +203,7 @@ class Learner:
             norm["horizon"] = self.cfg.rollout.max_new_tokens
         return norm
 
-    def _optimizer_step(self, data, idx: list[int], bucket: BucketStats, region: TrustRegionStats,
-                        timings: dict[str, float]) -> dict[str, float]:
+    def _optimizer_step(self, data, idx: list[int], stats: _StepStats, timings: dict[str, float]) -> dict[str, float]:
         cfg = self.cfg
         norm = self._normalisers(data.batch.response_mask[idx])
         self.optimizer.zero_grad(set_to_none=True)
@@ -235,13 +239,23 @@ class Learner:
             timings["loss"] += t2 - t1
             sums["loss/policy"] += out.loss.item()
             sums["loss/total"] += loss.item()
-            adv = data.advantages[part][:, None].expand_as(mask)
-            region.add(out.metrics, mask, adv)
-            bucket.add(self.token_bucket[mb.response_ids], out.keep, mask, adv, params.get("delta"))
+            self._record_diagnostics(stats, mb, logp, out, data.advantages[part], params.get("delta"))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable(), cfg.optim.max_grad_norm)
         self._apply_or_skip(sums["loss/total"], grad_norm)
         sums["actor/grad_norm"] = float(grad_norm)
         return dict(sums)
+
+    @torch.no_grad()
+    def _record_diagnostics(self, stats: _StepStats, mb: RolloutBatch, logp: torch.Tensor, out, advantages,
+                            delta) -> None:
+        mask = mb.response_mask.bool()
+        adv = advantages[:, None].expand_as(mask)
+        buckets = self.token_bucket[mb.response_ids]
+        stats.region.add(out.metrics, mask, adv)
+        stats.bucket.add(buckets, out.keep, mask, adv, delta)
+        abs_diff = (logp.detach().float().exp() - mb.behavior_logp.float().exp()).abs()
+        stats.epochs.add(stats.epoch, buckets, out.keep, mask, adv, abs_diff)
+        self.masked_tokens.add(mb.response_ids, out.keep, mask)
 
     def _apply_or_skip(self, loss: float, grad_norm: torch.Tensor) -> None:
         """Take the optimizer step, or skip it when the loss or gradient is not finite (and stop the
@@ -265,6 +279,16 @@ class Learner:
         scale = min(1.0, (self.optimizer_steps + 1) / w) if w > 0 else 1.0
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.optim.lr * scale
+
+
+@dataclass
+class _StepStats:
+    """The diagnostics one update() fills in, and the PPO epoch it is in."""
+
+    bucket: BucketStats
+    region: TrustRegionStats
+    epochs: EpochStats
+    epoch: int = 0
 
 
 def _split(items: list[int], parts: int) -> list[list[int]]:

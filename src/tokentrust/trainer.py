@@ -166,6 +166,7 @@ class Trainer:
         self.step = state["step"]
         self.learner.load_state(state, version=self.step)
         self.pipeline.load_state(extra, self.step, self.device)
+        self.learner.masked_tokens.load_state(extra)
         self.collector.sync(self.model, self.step)  # the rollout side starts from the checkpoint's weights
         # Lines logged after the checkpoint are replayed by the resumed run: drop them.
         for name in ("metrics.jsonl", "samples.jsonl"):
@@ -173,12 +174,21 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoint: weights, optimizer, RNG, and the batches in flight (sampled, not yet trained on)."""
-        extra = self.pipeline.state()
+        extra = {**self.pipeline.state(), **self.learner.masked_tokens.state()}
+        self.write_masked_tokens()
         return ckpt.save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer,
                                     {**self.learner.state(), "staleness": self.cfg.rollout.staleness,
                                      "data_position": self.step * self.cfg.rollout.prompts_per_step},
                                     extra_tensors={k: v for k, v in extra.items() if v is not None},
                                     keep=self.cfg.log.keep_checkpoints)
+
+    def write_masked_tokens(self, top: int = 20) -> None:
+        """RUN_DIR/masked_tokens.json: the run's most-masked token ids so far, with counts, decoded."""
+        atomic_write_json(self.out / "masked_tokens.json",
+                          {"step": self.step, "counted_per": "loss call (each PPO epoch)",
+                           "masked_total": int(self.learner.masked_tokens.masked.sum()),
+                           "seen_total": int(self.learner.masked_tokens.seen.sum()),
+                           "top": self.learner.masked_tokens.top(top, self.tokenizer)})
 
     # ---------------------------------------------------------------------------------- one step
 
