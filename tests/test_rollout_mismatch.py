@@ -95,3 +95,36 @@ def test_a_loss_taking_prox_logp_gets_pi_old_and_mu(tmp_path, one_thread):
     torch.testing.assert_close(mu[m], batch.behavior_logp[m])  # mu untouched
     torch.testing.assert_close(prox[m], pi_old[m], rtol=1e-5, atol=1e-5)
     assert (prox[m] - mu[m]).abs().max() > 1e-3  # stale: pi_old is not mu
+
+
+def test_prox_hook_agrees_with_the_losses_marker():
+    from tokentrust.losses import available_losses, needs_prox_logp
+
+    assert any(needs_prox_logp(n) for n in available_losses())
+    for name in available_losses():
+        assert takes_prox_logp(get_loss(name)) == needs_prox_logp(name), name
+
+
+def _run(path, loss, k, steps=2):
+    from tokentrust.runlog import read_jsonl
+    from tokentrust.trainer import run_training
+
+    over = tiny_overrides(path, max_steps=steps, algo={"loss": loss}, rollout={"group_size": 4, "staleness": k},
+                          log={"checkpoint_every": 0})
+    with synthetic_reward():
+        return read_jsonl(run_training(resolve(overrides=over), quiet=True, evaluate_at_end=False) / "metrics.jsonl")
+
+
+def test_decoupled_ppo_is_ppo_on_policy_and_reweights_stale_batches(tmp_path, one_thread):
+    """At k = 0 the sampler and the learner share weights, so pi_prox = mu and decoupled PPO trains
+    exactly like PPO; at k = 1 the second step's batch is stale and the behaviour weight pi_prox/mu
+    departs from 1."""
+    keys = ("loss/policy", "actor/grad_norm", "reward/mean", "trust_region/kept_frac")
+    ppo, dec = _run(tmp_path / "ppo", "ppo", 0), _run(tmp_path / "dec", "decoupled-ppo", 0)
+    for a, b in zip(ppo, dec):
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-9), k
+        assert b["trust_region/behave_imp_weight_max"] == pytest.approx(1.0, abs=1e-5)
+    stale = _run(tmp_path / "stale", "decoupled-ppo", 1)
+    assert stale[1]["rollout/staleness"] == 1
+    assert abs(stale[1]["trust_region/behave_imp_weight_mean"] - 1.0) > 1e-3

@@ -118,3 +118,10 @@ def test_resume_refuses_a_different_staleness(tmp_path):
 def test_bad_rollout_settings_name_the_field(tmp_path, rollout, message):
     with pytest.raises(ConfigError, match=message):
         resolve(overrides=tiny_overrides(tmp_path, rollout=rollout))
+
+
+def test_async_preset_differs_from_tiny_arith_only_in_the_off_policy_settings():
+    base, stale = resolve(preset="tiny-arith").to_dict(), resolve(preset="tiny-arith-async").to_dict()
+    assert stale["model"] == base["model"] and stale["task"] == base["task"]
+    assert (stale["rollout"]["staleness"], stale["rollout"]["overlap"], stale["log"]["mismatch"]) == (2, True, True)
+    assert {k for k in stale["rollout"] if stale["rollout"][k] != base["rollout"][k]} == {"staleness", "overlap"}
