@@ -251,6 +251,55 @@ def test_ppo_gradient_matches_autograd_of_textbook_formula():
     close(grad_of(out, logp), leaf.grad)
 
 
+def test_ppo_dual_clip_hand_case():
+    """Dual-clip PPO, c = 3, eps = 0.2: r = [4, 2.5, 4, 0.5], A = [-1, -1, 1, -1].
+
+    per-token loss: token 0 min(max(4, 1.2), 3) = 3 (capped: no gradient), token 1 2.5 (kept),
+    token 2 -1.2 (clipped), token 3 0.8 (clipped)  ->  loss = 5.1 / 4; without the dual clip 6.1 / 4.
+    """
+    mu = torch.full((1, 4), 0.2, dtype=F64)
+    r = torch.tensor([[4.0, 2.5, 4.0, 0.5]], dtype=F64)
+    logp = (mu * r).log().requires_grad_(True)
+    adv = torch.tensor([[-1.0, -1.0, 1.0, -1.0]], dtype=F64)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    out = get_loss("ppo")(logp, mu.log(), adv, mask, eps_low=0.2, dual_clip=3.0)
+    assert out.keep.tolist() == [[False, True, False, False]]
+    assert out.loss.item() == pytest.approx(5.1 / 4, abs=1e-12)
+    close(grad_of(out, logp), torch.tensor([[0.0, 0.625, 0.0, 0.0]], dtype=F64))
+    plain = get_loss("ppo")(logp, mu.log(), adv, mask, eps_low=0.2)
+    assert plain.loss.item() == pytest.approx(6.1 / 4, abs=1e-12) and plain.keep[0, 0]
+    with pytest.raises(ValueError, match="dual_clip"):
+        get_loss("ppo")(logp, mu.log(), adv, mask, dual_clip=1.0)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_ppo_dual_clip_matches_autograd_of_textbook_formula(agg):
+    """Autograd through where(A < 0, min(c (-A), max(-rA, -clip(r) A)), max(...)), as verl writes it."""
+    logp, blogp, adv, mask = random_batch(4, spread=1.5)
+    leaf = logp.detach().clone().requires_grad_(True)
+    ratio = (leaf - blogp).exp()
+    clip1 = torch.maximum(-ratio * adv, -ratio.clamp(0.8, 1.28) * adv)
+    per_token = torch.where(adv < 0, torch.minimum(-adv * 1.7, clip1), clip1)
+    m = mask.double()
+    if agg == "token-mean":
+        ref = (per_token * m).sum() / m.sum()
+    else:
+        lens = m.sum(-1)
+        n_seq = (lens > 0).sum()
+        if agg == "seq-mean-token-mean":
+            ref = ((per_token * m).sum(-1) / lens.clamp(min=1)).sum() / n_seq
+        elif agg == "seq-mean-token-sum":
+            ref = (per_token * m).sum() / n_seq
+        else:
+            ref = (per_token * m).sum() / n_seq / mask.shape[1]
+    ref.backward()
+    out = get_loss("ppo")(logp, blogp, adv, mask, eps_low=0.2, eps_high=0.28, dual_clip=1.7, agg=agg)
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-12, abs=1e-14)
+    close(grad_of(out, logp), leaf.grad)
+    r = ratio.detach()
+    assert bool(((adv < 0) & (r > 1.7) & mask).any())  # the dual clip is exercised
+
+
 # --------------------------------------------------------------------------- DPPO masks
 
 
