@@ -17,8 +17,10 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 
+from tokentrust.integrations import ThresholdSettings  # noqa: E402
 from tokentrust.integrations.trl import TokenTrustGRPOConfig, TokenTrustGRPOTrainer  # noqa: E402
 from tokentrust.models import build_tiny_model, train_bpe_tokenizer  # noqa: E402
+from tokentrust.thresholds import BatchFrequencyState, compute_thresholds  # noqa: E402
 from tokentrust.vocab import FrequencyTable, tokenizer_hash  # noqa: E402
 
 DATA = Dataset.from_dict({"prompt": [f"the cat {i} sat" for i in range(16)]})
@@ -161,6 +163,7 @@ def test_frequency_thresholds_and_sampling_anchor(tiny, tmp_path):
     sampling = inputs["old_per_token_logps"] + 0.5 * torch.randn(inputs["old_per_token_logps"].shape, generator=g)
     sampling[0, 0] = float("nan")  # a token the sampler could not score
     inputs["sampling_per_token_logps"] = sampling
+    trainer.tokentrust_add_thresholds(inputs, train=True)  # done once per generation batch in training
     loss = TokenTrustGRPOTrainer._compute_loss(trainer, trainer.model, inputs).detach()
 
     with torch.no_grad():
@@ -185,3 +188,45 @@ def test_unsupported_settings_are_rejected(tiny, tmp_path):
         make_trainer(tiny, tmp_path, loss_type="sapo")
     with pytest.raises(ValueError, match="unknown loss"):
         make_trainer(tiny, tmp_path, tokentrust_loss="nope")
+
+
+def test_batch_frequency_once_per_generation_batch_and_never_in_eval(tiny, tmp_path):
+    """batch-frequency thresholds with an EMA: computed on each whole generation batch (8 rows, used
+    by 2 accumulation steps x 2 iterations = 4 loss calls), the EMA advanced once per generation
+    batch, and evaluation (which also runs the loss) leaves it untouched."""
+    generated, seen = [], []
+
+    class Capturing(TokenTrustGRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            batch = super()._generate_and_score_completions(inputs)
+            generated.append((self.model.training, batch["completion_ids"].clone(), batch["completion_mask"].clone()))
+            return batch
+
+        def _compute_loss(self, model, inputs):
+            seen.append((self.model.training, inputs["completion_ids"].clone(), inputs.get("tokentrust_scale")))
+            return super()._compute_loss(model, inputs)
+
+    ema, V = 0.5, len(tiny[1])
+    th = {"kind": "batch-frequency", "ema": ema, "beta": 1.0, "s_min": 0.2, "s_max": 5.0}
+    trainer = make_trainer(tiny, tmp_path, cls=Capturing, tokentrust_loss="dppo-tv", tokentrust_thresholds=th,
+                           gradient_accumulation_steps=2, num_iterations=2, max_steps=4,
+                           per_device_eval_batch_size=4, eval_strategy="no")
+    trainer.train()
+    train_batches = [g for g in generated if g[0]]
+    assert len(train_batches) == 2 and len([x for x in seen if x[0]]) == 8
+
+    # reference: the EMA over whole generation batches, the thresholds from each whole batch
+    state, expected_scales = BatchFrequencyState(), []
+    spec = ThresholdSettings(**th).spec()
+    for _, ids, mask in train_batches:
+        expected_scales.append(compute_thresholds(spec, 1.0, ids * mask, mask.bool(), vocab_size=V, state=state))
+    torch.testing.assert_close(trainer.tokentrust_schedule.state.probs, state.probs)
+    for (_, ids, scale), k in zip([x for x in seen if x[0]], [0, 0, 0, 0, 1, 1, 1, 1]):
+        _, batch_ids, _ = train_batches[k]
+        rows = [next(i for i in range(len(batch_ids)) if torch.equal(batch_ids[i], r)) for r in ids]
+        torch.testing.assert_close(scale, expected_scales[k][rows])
+
+    before = trainer.tokentrust_schedule.state.probs.clone()
+    trainer.evaluate(eval_dataset=DATA.select(range(2)))
+    assert any(not x[0] for x in seen)  # the evaluation loss ran ...
+    assert torch.equal(trainer.tokentrust_schedule.state.probs, before)  # ... and did not move the EMA

@@ -252,6 +252,7 @@ def test_frequency_schedule_reaches_loss_through_ppo_loss(tmp_path):
     cfg = tt_config({"delta": delta, "thresholds": {"kind": "frequency", "beta": beta, "s_min": s_min,
                                                     "s_max": s_max, "table": str(table)}})
     td, flat, x = micro_batch(seed=1, V=V)
+    assert ttv.attach_thresholds(td, cfg)  # what the train_mini_batch hook does once per rollout batch
     _, metrics, grad = run_ppo_loss(cfg, td, flat)
 
     # independent reference: rarity from counts with add-one smoothing, frequency-weighted rho_ref
@@ -290,10 +291,14 @@ def test_schedule_outside_ppo_loss_raises(tmp_path):
         get_policy_loss_fn("tt_av_dppo")(old, new, adv, mask, "token-mean", cfg, None)
 
 
-def test_entropy_schedule_needs_calculate_entropy(tmp_path):
+def test_entropy_schedule_is_refused_in_verl(tmp_path):
+    """verl holds no entropy of mu before the update, so an entropy schedule cannot be computed once
+    per rollout batch: refused with a one-line error (not silently computed per micro-batch)."""
     td, flat, _ = micro_batch(seed=2, V=20)
     cfg = tt_config({"thresholds": {"kind": "entropy"}})
-    with pytest.raises(ValueError, match="calculate_entropy"):
+    with pytest.raises(ValueError, match="not available in verl"):
+        ttv.attach_thresholds(td, cfg)
+    with pytest.raises(ValueError, match="not available in verl"):
         run_ppo_loss(cfg, td, flat)
 
 
@@ -367,3 +372,177 @@ def test_example_config_composes_with_verl_defaults():
     assert cfg.algorithm.rollout_correction.bypass_mode and cfg.actor_rollout_ref.rollout.calculate_log_probs
     env = cfg.ray_kwargs.ray_init.runtime_env.env_vars
     assert env.VERL_USE_EXTERNAL_MODULES == "tokentrust.integrations.verl"
+
+
+# ------------------------------------------------- verl semantics: dual clip, rollout IS weights
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_tt_ppo_clip_ratio_c_is_verl_dual_clip(agg):
+    """tt_ppo = verl's vanilla PPO, clip_ratio_c included: the dual-clip bound for A < 0, not an IS cap."""
+    old, new, adv, mask = random_inputs(seed=21 + AGG_MODES.index(agg))
+    cfg = actor_config(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=1.3)
+    out = []
+    for name in ("vanilla", "tt_ppo"):
+        x = new.clone().requires_grad_()
+        loss, metrics = get_policy_loss_fn(name)(old, x, adv, mask, agg, cfg, None)
+        out.append((loss.detach(), torch.autograd.grad(loss, x)[0]))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-5, atol=1e-8)
+    r = (new - old).exp()
+    assert bool(((adv < 0) & (r > 1.3) & mask).any()) and bool(((adv > 0) & (r > 1.3) & (r < 1.28 + 1) & mask).any())
+
+
+def test_rollout_is_weights_only_against_recomputed_old_policy():
+    """Decoupled mode: verl's rollout_is_weights (pi_old / mu) multiply the loss when the ratio is
+    pi / pi_old (anchor default), and are ignored when the ratio is already pi / mu (anchor=rollout)."""
+    td, flat, x = micro_batch(seed=12, V=20)
+    g = torch.Generator().manual_seed(13)
+    rollout = x["old"] + 0.3 * torch.randn(x["old"].shape, generator=g)
+    td["rollout_log_probs"] = rollout
+    weights = (x["old"] - rollout).exp().clamp(max=2.0)  # truncated pi_old / mu, as verl computes them
+    loss_mode = dict(loss_mode="tt_dppo_tv")
+    cfg_roll = actor_config(ttv.TokenTrustPolicyLossConfig(**loss_mode, tokentrust={"anchor": "rollout"}),
+                            clip_ratio_c=1e9, clip_ratio_low=0.1, clip_ratio_high=0.1)
+    cfg_old = actor_config(ttv.TokenTrustPolicyLossConfig(**loss_mode), clip_ratio_c=1e9, clip_ratio_low=0.1,
+                           clip_ratio_high=0.1)
+    plain_roll, _, g_plain_roll = run_ppo_loss(cfg_roll, td, flat)
+    plain_old, _, _ = run_ppo_loss(cfg_old, td, flat)
+    td["rollout_is_weights"] = weights
+    with_w_roll, _, g_with_w_roll = run_ppo_loss(cfg_roll, td, flat)
+    with_w_old, _, _ = run_ppo_loss(cfg_old, td, flat)
+    torch.testing.assert_close(with_w_roll, plain_roll)  # against mu: no second correction
+    torch.testing.assert_close(g_with_w_roll, g_plain_roll)
+    # against pi_old: the weights enter, exactly as verl's built-in applies them
+    ref, _ = get_policy_loss_fn("dppo_tv")(x["old"], x["new"], x["adv"], x["mask"], "token-mean", cfg_old, weights)
+    torch.testing.assert_close(with_w_old, ref, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(with_w_old, plain_old)
+
+
+# -------------------------------------------- thresholds once per rollout batch (train_mini_batch)
+
+
+def dense_to_flat(td, dense: torch.Tensor) -> torch.Tensor:
+    """Response values [B, R] in the model's flat no-padding layout (token j predicted at position - 1)."""
+    prompt_len = td["prompts"].ne(0).sum(-1).tolist()
+    resp_len = td["response_mask"].sum(-1).tolist()
+    flat = torch.zeros(int(td["input_ids"].offsets()[-1]))
+    end = 0
+    for i, (pl, rl) in enumerate(zip(prompt_len, resp_len)):
+        end += pl + rl
+        flat[end - rl - 1:end - 1] = dense[i, :rl]
+    return flat
+
+
+class FakeEngine:
+    """What TrainingWorker.train_mini_batch asks of its engine, for one process."""
+
+    def get_data_parallel_size(self):
+        return 1
+
+    def get_data_parallel_rank(self):
+        return 0
+
+    def get_data_parallel_group(self):
+        return None
+
+    def is_mp_src_rank_with_outputs(self):
+        return False
+
+    def train_mode(self, **kw):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+class FakeWorker:
+    """verl's TrainingWorker.train_mini_batch (hooked by register()) around a fake engine whose
+    train_batch runs verl's ppo_loss on micro-batches of 2 and records what each one saw."""
+
+    def __init__(self, config):
+        import functools
+        import verl.workers.utils.losses as vl
+        from verl.workers.engine_workers import TrainingWorker
+
+        self.engine = FakeEngine()
+        self.loss_fn = functools.partial(vl.ppo_loss, config=config)
+        self.profiler = type("P", (), {"step": lambda self: None})()
+        self.records = []
+        self.train_mini_batch = TrainingWorker.train_mini_batch.__get__(self)
+
+    def train_batch(self, data):
+        import verl.workers.utils.losses as vl
+
+        for mb in tu.chunk_tensordict(data, len(data) // 2):
+            leaf = dense_to_flat(mb, mb["fake_new"]).requires_grad_()
+            nested = torch.nested.nested_tensor_from_jagged(leaf, offsets=mb["input_ids"].offsets())
+            loss, metrics = vl.ppo_loss(self.loss_fn.keywords["config"], {"log_probs": nested}, mb)
+            grad = torch.autograd.grad(loss, leaf)[0]
+            self.records.append((mb["row"].clone(), grad, mb))
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def rollout_batch(seed: int, V: int):
+    td, _, x = micro_batch(seed, V)
+    td["fake_new"] = x["new"]
+    td["row"] = torch.arange(len(td))
+    tu.assign_non_tensor(td, mini_batch_size=4, epochs=2, seed=0, dataloader_kwargs={"shuffle": True})
+    return td, x
+
+
+def test_thresholds_once_per_rollout_batch_across_epochs_and_micro_batches(tmp_path, monkeypatch, one_process_group):
+    """normalize=True: every micro-batch of every epoch uses delta_t normalised over the WHOLE rollout
+    batch (mean of s over all its valid tokens), not over its own 2 sequences."""
+    monkeypatch.setattr(ttv, "_SCHEDULES", {})
+    V = 40
+    counts = torch.arange(V, dtype=torch.int64) ** 2
+    table = write_table(tmp_path / "freq.safetensors", counts)
+    beta, delta = 1.0, 0.1
+    cfg = tt_config({"delta": delta, "thresholds": {"kind": "frequency", "beta": beta, "s_min": 0.2, "s_max": 5.0,
+                                                    "normalize": True, "table": str(table)}})
+    td, x = rollout_batch(seed=31, V=V)
+    worker = FakeWorker(cfg)
+    worker.train_mini_batch(td)
+    assert len(worker.records) == 2 * 2 * 2  # epochs x mini-batches x micro-batches
+
+    f = (counts.double() + 1) / (counts.sum() + V)
+    rho = -f.log()
+    rho_ref = float((counts.double() / counts.sum() * rho).sum())
+    s = (beta * (rho[x["responses"]] - rho_ref)).exp().clamp(0.2, 5.0)
+    m = x["mask"]
+    delta_t = (delta * s / s[m].mean()).float()  # normalised over the whole batch
+    keep = expected_keep(x, delta_t)
+    seen, local_differs = set(), False
+    for rows, grad, mb in worker.records:
+        sub = {k: v[rows] for k, v in x.items()}
+        assert torch.equal(reached(grad, mb, sub), keep[rows])
+        local = delta * s[rows] / s[rows][sub["mask"]].mean()  # what a per-micro-batch normalisation gives
+        local_differs |= not torch.equal(expected_keep(sub, local.float()), keep[rows])
+        seen.update(rows.tolist())
+    assert seen == set(range(len(td))) and local_differs  # the test can tell the two apart
+
+
+def test_batch_frequency_ema_advances_once_per_rollout_batch(monkeypatch, one_process_group):
+    """The EMA of batch frequencies moves once per train_mini_batch call (one rollout batch), not at
+    each of its 8 loss calls (2 epochs x 2 mini-batches x 2 micro-batches)."""
+    monkeypatch.setattr(ttv, "_SCHEDULES", {})
+    V, ema, alpha = 30, 0.5, 1.0
+    cfg = tt_config({"thresholds": {"kind": "batch-frequency", "ema": ema, "smoothing": alpha, "vocab_size": V}})
+    worker = FakeWorker(cfg)
+    expected = None
+    for seed in (41, 42):
+        td, x = rollout_batch(seed=seed, V=V)
+        worker.train_mini_batch(td)
+        counts = torch.bincount(x["responses"][x["mask"]], minlength=V).double()
+        probs = (counts + alpha) / (counts.sum() + alpha * V)
+        expected = probs if expected is None else ema * expected + (1 - ema) * probs
+    schedule = ttv._schedule(ttv.settings_from_config(cfg), cfg)
+    torch.testing.assert_close(schedule.state.probs.double(), expected, rtol=1e-6, atol=1e-9)

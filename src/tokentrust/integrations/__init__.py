@@ -10,6 +10,7 @@ the settings object and the per-token threshold computation. It imports neither 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Mapping
@@ -115,11 +116,55 @@ def load_rarity(path: str) -> tuple[torch.Tensor, float]:
     return table.rarity(), table.reference_rarity()
 
 
+def _process_group_size(group: Any = None) -> int:
+    """World size of ``group`` when torch.distributed is initialised, else 1."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def gather_rows(tensors: list[torch.Tensor | None], group: Any = None) -> tuple[list[torch.Tensor | None], int]:
+    """Concatenate each [B_r, T_r] tensor of every rank of ``group`` along rows (rank order).
+
+    Ranks may differ in B and T: tensors are right-padded with zeros (False for masks) to the
+    largest T. Returns the gathered tensors (None stays None) and the first row of this rank.
+    With one process (or no process group) the inputs come back unchanged and the offset is 0.
+    """
+    world = _process_group_size(group)
+    if world == 1:
+        return tensors, 0
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else \
+        torch.device("cpu")
+    ref = next(t for t in tensors if t is not None)
+    shape = torch.tensor(ref.shape[:2], device=device)
+    shapes = [torch.zeros_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape, group=group)
+    rows = [int(s[0]) for s in shapes]
+    b_max, t_max = max(rows), max(int(s[1]) for s in shapes)
+    out: list[torch.Tensor | None] = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        padded = torch.zeros((b_max, t_max), dtype=t.dtype, device=device)
+        padded[:t.shape[0], :t.shape[1]] = t.to(device)
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=group)
+        out.append(torch.cat([p[:n] for p, n in zip(parts, rows)]).to(t.device))
+    return out, sum(rows[:dist.get_rank(group)])
+
+
 class ThresholdSchedule:
     """Per-token scale s_t of an AV-DPPO schedule for one engine process.
 
     Wraps ``tokentrust.thresholds.compute_thresholds`` with the frequency table and the batch
     frequency EMA state, so an adapter only passes token ids, mask and (if needed) entropy.
+    Thresholds are computed once per rollout batch over the whole batch of all data-parallel
+    ranks (:meth:`batch_scale`), as tokentrust's own trainer does: the normalisation mean, the
+    batch-frequency counts and the entropy reference see every valid token of the batch, whatever
+    the micro-batch split, the number of PPO epochs or the number of ranks.
     """
 
     def __init__(self, settings: ThresholdSettings, vocab_size: int | None = None):
@@ -136,25 +181,40 @@ class ThresholdSchedule:
         if self.spec.kind == "batch-frequency" and self.vocab_size is None:
             raise ValueError("tokentrust.thresholds.kind='batch-frequency' needs tokentrust.thresholds.vocab_size")
         self.state = BatchFrequencyState()
+        self.batches_seen = 0  # training batches that advanced the batch-frequency state
 
     @property
     def constant(self) -> bool:
         return self.spec.kind == "constant"
 
-    def scale(self, token_ids: torch.Tensor | None, mask: torch.Tensor,
-              entropy: torch.Tensor | None = None) -> torch.Tensor:
-        """s_t as a [B, T] float32 tensor (delta_t = base delta * s_t)."""
+    def batch_scale(self, token_ids: torch.Tensor | None, mask: torch.Tensor, entropy: torch.Tensor | None = None,
+                    *, group: Any = None, train: bool = True) -> torch.Tensor:
+        """s_t ([B, T] float32, delta_t = base delta * s_t) for this rank's rows of one rollout batch.
+
+        Call once per rollout batch on every rank of ``group`` (a collective when distributed):
+        the rows of all ranks are gathered and the schedule is computed on the whole batch, so the
+        result equals a one-process computation on the same batch. ``train=False`` (evaluation)
+        reads the batch-frequency EMA state without advancing it.
+        """
         if token_ids is None:
             raise ValueError(f"tokentrust.thresholds.kind={self.spec.kind!r} needs the response token ids")
+        if self.spec.needs_entropy and entropy is None:
+            raise ValueError(f"tokentrust.thresholds.kind={self.spec.kind!r} needs the entropy of mu at each token")
         mask = mask.bool()
         ids = token_ids.long()
         if self.rarity is not None and mask.any() and int(ids[mask].max()) >= len(self.rarity):
             raise ValueError(f"token id {int(ids[mask].max())} is outside the frequency table "
                              f"(vocab size {len(self.rarity)}): the table was built for another tokenizer")
         ids = torch.where(mask, ids, torch.zeros_like(ids))  # padding ids may be anything
-        return compute_thresholds(self.spec, 1.0, ids, mask, rarity=self.rarity, rho_ref=self.rho_ref,
-                                  entropy=entropy, vocab_size=self.vocab_size, state=self.state)
+        ent = None if entropy is None else entropy.detach().float()
+        (all_ids, all_mask, all_ent), first = gather_rows([ids, mask, ent], group)
+        state = self.state if train else copy.deepcopy(self.state)
+        scale = compute_thresholds(self.spec, 1.0, all_ids, all_mask, rarity=self.rarity, rho_ref=self.rho_ref,
+                                   entropy=all_ent, vocab_size=self.vocab_size, state=state)
+        if train and self.spec.kind == "batch-frequency":
+            self.batches_seen += 1
+        return scale[first:first + ids.shape[0], :ids.shape[1]].to(token_ids.device)
 
 
 __all__ = ["ANCHORS", "RESERVED_PARAMS", "ThresholdSchedule", "ThresholdSettings", "TokenTrustSettings",
-           "load_rarity"]
+           "gather_rows", "load_rarity"]

@@ -15,6 +15,14 @@ else the detached current log-probs (ratio 1: one update per generation). "old" 
 log-probs. Because the ratio is taken against the sampler itself, TRL's extra vLLM importance
 sampling correction is not applied (it would count the sampler mismatch twice).
 
+Per-token thresholds (``tokentrust_thresholds``) are computed once per generation batch, in
+``_generate_and_score_completions``, over the rows of every process (gathered; the result equals a
+one-process run on the same batch), and travel with the batch as ``tokentrust_scale``: every
+accumulation step and every ``num_iterations`` pass of that batch uses the same thresholds. The
+batch-frequency EMA advances once per training generation batch and never during evaluation.
+Entropy schedules take the entropy of the policy that generated the batch (one extra no-grad
+forward per generation batch).
+
 Normalisation follows TRL's contract for ``loss_type``: "dapo" divides by the active-token count
 of the whole generation batch (per process, per accumulation window), "bnpo" by the local token
 count, "grpo" is a per-sequence token mean, "dr_grpo" divides by B * max_completion_length; the
@@ -35,6 +43,8 @@ from tokentrust.integrations import ThresholdSchedule, TokenTrustSettings
 from tokentrust.losses import get_loss
 
 SUPPORTED_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
+MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+                   "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
 @dataclass
@@ -124,8 +134,7 @@ class TokenTrustGRPOTrainer(GRPOTrainer):
         return {"agg": "seq-mean-token-sum-norm", "global_seqs": float(batch_size),
                 "horizon": self.max_completion_length}, accum  # dr_grpo
 
-    def _tokentrust_kwargs(self, inputs: dict, mask: torch.Tensor, completion_ids: torch.Tensor,
-                           entropies: torch.Tensor | None, mode: str) -> tuple[dict[str, Any], float]:
+    def _tokentrust_kwargs(self, inputs: dict, mask: torch.Tensor, mode: str) -> tuple[dict[str, Any], float]:
         tt = self.tokentrust
         agg, divisor = self._tokentrust_agg(inputs, mask.shape[0], mode)
         kwargs: dict[str, Any] = {**agg}
@@ -137,13 +146,45 @@ class TokenTrustGRPOTrainer(GRPOTrainer):
                 base = tt.delta if tt.delta is not None else accepted["delta"].default
                 delta: float | torch.Tensor = base
                 if not self.tokentrust_schedule.constant:
-                    ent = None if entropies is None else entropies.detach()
-                    delta = base * self.tokentrust_schedule.scale(completion_ids, mask, ent).to(mask.device)
+                    scale = inputs.get("tokentrust_scale")
+                    if scale is None:
+                        raise ValueError("inputs lack tokentrust_scale: thresholds are computed once per generation "
+                                         "batch by _generate_and_score_completions (or tokentrust_add_thresholds)")
+                    delta = base * scale.to(mask.device)
                 kwargs["delta"] = delta
         elif not self.tokentrust_schedule.constant:
             raise ValueError(f"tokentrust loss {tt.loss!r} has no per-token delta for a threshold schedule")
         kwargs.update(tt.params)
         return kwargs, divisor
+
+    # -- thresholds, once per generation batch ----------------------------------------------------
+
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        if not self.tokentrust_schedule.constant:
+            self.tokentrust_add_thresholds(batch, train=self.model.training)
+        return batch
+
+    def tokentrust_add_thresholds(self, batch: dict, *, train: bool) -> dict:
+        """Put ``tokentrust_scale`` (s_t, [B, C]) into a whole generation batch (all processes call it).
+
+        ``train=False`` (evaluation) leaves the batch-frequency EMA state untouched.
+        """
+        mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
+        entropy = self._tokentrust_entropy(batch, train) if self.tokentrust_schedule.spec.needs_entropy else None
+        batch["tokentrust_scale"] = self.tokentrust_schedule.batch_scale(batch["completion_ids"], mask, entropy,
+                                                                         train=train)
+        return batch
+
+    @torch.no_grad()
+    def _tokentrust_entropy(self, batch: dict, train: bool) -> torch.Tensor:
+        """Entropy of the generating policy at each completion token (no-grad forward)."""
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        size = self.args.per_device_train_batch_size if train else self.args.per_device_eval_batch_size
+        return self._get_per_token_logps_and_entropies(
+            self.model, ids, attention, batch["completion_ids"].size(1), batch_size=size, compute_entropy=True,
+            **{k: batch.get(k) for k in MULTIMODAL_KEYS})[1]
 
     # -- the loss --------------------------------------------------------------------------------
 
@@ -156,12 +197,10 @@ class TokenTrustGRPOTrainer(GRPOTrainer):
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled,
-            **{k: inputs.get(k) for k in ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
-                                          "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
-                                          "mm_token_type_ids", "image_position_ids")})
+            **{k: inputs.get(k) for k in MULTIMODAL_KEYS})
         mode = "train" if self.model.training else "eval"
         behavior = self._tokentrust_anchor(inputs, per_token_logps)
-        kwargs, divisor = self._tokentrust_kwargs(inputs, mask, completion_ids, entropies, mode)
+        kwargs, divisor = self._tokentrust_kwargs(inputs, mask, mode)
         out = self.tokentrust_loss_fn(per_token_logps, behavior, inputs["advantages"], mask.bool(), **kwargs)
         loss = out.loss
         if self.beta != 0.0:  # k3 KL to the reference model, aggregated like the policy loss (as TRL does)

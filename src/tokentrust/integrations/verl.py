@@ -13,11 +13,21 @@ Losses (each calls ``tokentrust.losses.get_loss(...)``, never a copy of it):
     tt_cppo, tt_drpo        CPPO / DRPO
     tt_ppo                  PPO / DAPO ratio clipping with a truncated IS weight
 
-How verl's config maps onto the loss (same as verl's built-in ``dppo_tv`` / ``dppo_kl``):
-``clip_ratio_high`` / ``clip_ratio_low`` are the thresholds for A > 0 / A < 0 (PPO: eps_high /
-eps_low), ``clip_ratio_c`` is the truncated importance-weight cap C, ``loss_agg_mode`` and
-``global_batch_info`` give the aggregation. ``rollout_is_weights`` (verl's rollout correction)
-multiply the advantages, i.e. the per-token loss. Extra settings (``tokentrust.delta``,
+How verl's config maps onto the loss (same as verl's built-ins): ``clip_ratio_high`` /
+``clip_ratio_low`` are the thresholds for A > 0 / A < 0 (PPO: eps_high / eps_low);
+``loss_agg_mode`` and ``global_batch_info`` give the aggregation. ``clip_ratio_c`` keeps verl's
+meaning per loss: for ``tt_ppo`` it is the dual-clip constant (as in verl's vanilla PPO: for
+A < 0 the loss is at most -clip_ratio_c * A), for the DPPO / CPPO / DRPO losses the cap C of the
+truncated weight min(r, C) (as in verl's ``dppo_tv`` / ``dppo_kl``). ``tt_ppo``'s own truncation
+cap is ``tokentrust.params.is_cap`` (default none).
+
+Rollout correction (verl's ``algorithm.rollout_correction``): ``rollout_is_weights`` = truncated
+pi_old / mu, computed by verl in decoupled mode (``bypass_mode=False``; its cap is verl's
+``rollout_is_threshold``). They multiply the advantages only when the ratio is taken against the
+recomputed old policy (``anchor`` default / old: ratio pi / pi_old, times pi_old / mu). With
+``anchor=rollout`` the ratio is pi / mu and already holds that correction, so the weights are
+ignored (applying them would correct twice). In bypass mode (old_log_prob = rollout log-probs)
+verl computes no weights. Extra settings (``tokentrust.delta``,
 ``params``, ``thresholds``, ``anchor``) come from ``policy_loss.tokentrust`` when
 ``policy_loss._target_`` is :class:`TokenTrustPolicyLossConfig`, else from the JSON/YAML file (or
 inline JSON) named by the env var ``TOKENTRUST_VERL_CONFIG``.
@@ -29,6 +39,14 @@ Token ids and entropies: verl calls a registered loss with log-probs only. Its a
 publishes both in a context variable for the duration of the call (its behaviour is
 otherwise unchanged); the ``tt_*`` losses read them from there when a schedule or
 ``anchor=rollout`` needs them, and raise a clear error when they are missing.
+
+Per-token thresholds (``tokentrust.thresholds``) are computed once per rollout batch:
+:func:`register` also wraps verl's ``TrainingWorker.train_mini_batch``, which receives each rank's
+share of the whole rollout batch before it is split into mini-batches, epochs and micro-batches.
+The wrapper gathers the response ids of all data-parallel ranks, computes the schedule on the
+whole batch (normalisation mean, batch-frequency counts), advances the batch-frequency EMA once,
+and stores s_t as ``tokentrust_scale`` in the batch, which verl splits with the other tensors.
+Entropy schedules are not available in verl: no hook before the update holds mu's entropy.
 """
 
 from __future__ import annotations
@@ -137,18 +155,10 @@ def _to_width(x: torch.Tensor, width: int, fill: float) -> torch.Tensor:
     return x[:, :width]
 
 
-def _response_ids(ctx: VerlLossContext | None, like: torch.Tensor) -> torch.Tensor | None:
-    if ctx is None or "responses" not in ctx.data.keys():
+def _threshold_scale(ctx: VerlLossContext | None, like: torch.Tensor) -> torch.Tensor | None:
+    if ctx is None or "tokentrust_scale" not in ctx.data.keys():
         return None
-    return _to_width(ctx.data["responses"], like.shape[1], 0).to(like.device)
-
-
-def _entropy(ctx: VerlLossContext | None, like: torch.Tensor) -> torch.Tensor | None:
-    if ctx is None or ctx.model_output.get("entropy", None) is None:
-        return None
-    from verl.workers.utils.padding import no_padding_2_padding
-
-    return no_padding_2_padding(ctx.model_output["entropy"], ctx.data).detach().to(like.device, torch.float32)
+    return _to_width(ctx.data["tokentrust_scale"], like.shape[1], 1.0).to(like.device, like.dtype)
 
 
 def _rollout_logp(ctx: VerlLossContext | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -192,6 +202,42 @@ def _clip_pair(config: Any) -> tuple[float, float]:
     return float(base if low is None else low), float(base if high is None else high)
 
 
+def _check_schedule(verl_name: str, schedule: ThresholdSchedule) -> None:
+    if schedule.constant:
+        return
+    if verl_name not in ("tt_av_dppo", "tt_drpo"):
+        raise ValueError(f"{verl_name} uses fixed thresholds; for a schedule use loss_mode=tt_av_dppo or tt_drpo")
+    if schedule.spec.needs_entropy:
+        raise ValueError(f"tokentrust.thresholds.kind={schedule.spec.kind!r} is not available in verl: thresholds are "
+                         "computed once per rollout batch before the update, where verl holds no entropy of mu "
+                         "(calculate_entropy gives only the current policy's, per micro-batch); use frequency or "
+                         "batch-frequency")
+
+
+def attach_thresholds(data: Any, config: Any, group: Any = None) -> bool:
+    """Store s_t of the whole rollout batch in ``data['tokentrust_scale']`` (all dp ranks call it).
+
+    ``data``: one rank's share of the rollout batch (TensorDict with ``responses`` and
+    ``response_mask``); ``group``: the data-parallel process group. Advances the batch-frequency
+    EMA once. Returns False (and leaves ``data`` alone) when the loss is not a tt_* loss with a
+    threshold schedule.
+    """
+    policy_loss = getattr(config, "policy_loss", None)
+    if policy_loss is None or policy_loss.get("loss_mode", None) not in LOSS_NAMES:
+        return False
+    settings = settings_from_config(config)
+    schedule = _schedule(settings, config)
+    if schedule.constant:
+        return False
+    _check_schedule(policy_loss.get("loss_mode"), schedule)
+    if "responses" not in data.keys():
+        raise ValueError("the threshold schedule needs data['responses'] in the actor's update batch")
+    mask = data["response_mask"]
+    ids = _to_width(data["responses"], mask.shape[1], 0)
+    data["tokentrust_scale"] = schedule.batch_scale(ids, mask, group=group, train=True).float()
+    return True
+
+
 def _make_adapter(verl_name: str):
     def policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
                     response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config: Any = None,
@@ -212,21 +258,24 @@ def _make_adapter(verl_name: str):
                 raise ValueError(f"{verl_name}: tokentrust.anchor=rollout needs rollout_log_probs in the batch "
                                  "(actor_rollout_ref.rollout.calculate_log_probs=True) and the ppo_loss hook "
                                  "(tokentrust.integrations.verl.register() before verl builds its workers)")
-        adv = advantages if rollout_is_weights is None else advantages * rollout_is_weights.detach()
+        # verl's rollout IS weights (pi_old / mu) belong to a ratio against pi_old, never to one against mu
+        use_is = rollout_is_weights is not None and settings.anchor != "rollout"
+        adv = advantages * rollout_is_weights.detach() if use_is else advantages
 
-        kwargs: dict[str, Any] = {"is_cap": config.get("clip_ratio_c", None), **_agg_params(loss_agg_mode, config)}
+        kwargs: dict[str, Any] = _agg_params(loss_agg_mode, config)
         schedule = _schedule(settings, config)
-        if not schedule.constant and verl_name not in ("tt_av_dppo", "tt_drpo"):
-            raise ValueError(f"{verl_name} uses fixed thresholds; for a schedule use loss_mode=tt_av_dppo or tt_drpo")
-        if verl_name == "tt_ppo":
+        _check_schedule(verl_name, schedule)
+        if verl_name == "tt_ppo":  # clip_ratio_c: verl's dual-clip constant; the IS cap is params.is_cap
             name = "ppo"
-            kwargs.update(eps_low=low, eps_high=high)
+            kwargs.update(eps_low=low, eps_high=high, dual_clip=config.get("clip_ratio_c", None))
         elif verl_name == "tt_cppo":
+            kwargs["is_cap"] = config.get("clip_ratio_c", None)
             name = "cppo"
             if settings.delta is None and low != high:
                 raise ValueError("tt_cppo has one threshold: set clip_ratio_low == clip_ratio_high or tokentrust.delta")
             kwargs["delta"] = settings.delta if settings.delta is not None else high
         else:
+            kwargs["is_cap"] = config.get("clip_ratio_c", None)  # the truncated-weight cap, as verl's dppo_*
             if verl_name == "tt_av_dppo":
                 divergence = params.pop("divergence", "tv")
                 if divergence not in ("tv", "kl"):
@@ -247,16 +296,13 @@ def _make_adapter(verl_name: str):
             else:
                 delta = torch.where(adv > 0, high, low).to(log_prob.dtype)
             if not schedule.constant:
-                entropy = _entropy(ctx, log_prob) if schedule.spec.needs_entropy else None
-                if schedule.spec.needs_entropy and entropy is None:
-                    raise ValueError(f"tokentrust.thresholds.kind={schedule.spec.kind!r} needs the entropy: set "
-                                     "actor_rollout_ref.actor.calculate_entropy=True")
-                ids = _response_ids(ctx, log_prob)
-                if ids is None:
-                    raise ValueError("the threshold schedule needs the response token ids, which reach the loss "
-                                     "only through the ppo_loss hook: call tokentrust.integrations.verl.register() "
-                                     "(entry point or VERL_USE_EXTERNAL_MODULES) before verl builds its workers")
-                delta = delta * schedule.scale(ids, response_mask, entropy).to(log_prob.device, log_prob.dtype)
+                scale = _threshold_scale(ctx, log_prob)
+                if scale is None:
+                    raise ValueError("the threshold schedule needs the response token ids of the whole rollout batch, "
+                                     "which reach the loss only through the train_mini_batch / ppo_loss hooks: call "
+                                     "tokentrust.integrations.verl.register() (entry point or "
+                                     "VERL_USE_EXTERNAL_MODULES) before verl builds its workers")
+                delta = delta * scale
             kwargs["delta"] = delta
         kwargs.update(params)
         out = get_loss(name)(log_prob, behavior, adv, response_mask.bool(), **kwargs)
@@ -303,13 +349,35 @@ def _install_ppo_loss_hook() -> None:
             m.ppo_loss = ppo_loss
 
 
+def _install_train_mini_batch_hook() -> None:
+    """Wrap TrainingWorker.train_mini_batch so thresholds are computed once per rollout batch."""
+    try:
+        from verl.workers.engine_workers import TrainingWorker
+    except ImportError:  # a verl build without the engine workers: the loss raises if a schedule is set
+        return
+    original = TrainingWorker.train_mini_batch
+    if getattr(original, "_tokentrust_hook", False):
+        return
+
+    @functools.wraps(original)
+    def train_mini_batch(self, data):
+        config = getattr(getattr(self, "loss_fn", None), "keywords", {}).get("config")
+        if config is not None:
+            attach_thresholds(data, config, group=self.engine.get_data_parallel_group())
+        return original(self, data)
+
+    train_mini_batch._tokentrust_hook = True
+    TrainingWorker.train_mini_batch = train_mini_batch
+
+
 def register() -> list[str]:
-    """Add the tt_* losses to verl's policy-loss registry and install the ppo_loss hook (idempotent)."""
+    """Add the tt_* losses to verl's policy-loss registry and install the hooks (idempotent)."""
     from verl.trainer.ppo.core_algos import register_policy_loss
 
     for name, fn in ADAPTERS.items():
         register_policy_loss(name)(fn)
     _install_ppo_loss_hook()
+    _install_train_mini_batch_hook()
     return list(LOSS_NAMES)
 
 
