@@ -8,6 +8,10 @@ built locally (random tiny Llama, byte-level BPE): nothing is downloaded.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -230,3 +234,57 @@ def test_batch_frequency_once_per_generation_batch_and_never_in_eval(tiny, tmp_p
     trainer.evaluate(eval_dataset=DATA.select(range(2)))
     assert any(not x[0] for x in seen)  # the evaluation loss ran ...
     assert torch.equal(trainer.tokentrust_schedule.state.probs, before)  # ... and did not move the EMA
+
+
+def launch(model_dir: str, out: Path, processes: int) -> list[dict]:
+    """trl_distributed_run.py under `accelerate launch`; returns each rank's record.
+
+    accelerate 1.15's `--cpu` launches ONE process whatever --num_processes says; its torchrun
+    launcher (`--multi_gpu`) with use_cpu=True in the script gives MULTI_CPU on gloo, checked below.
+    """
+    out.mkdir()
+    script = Path(__file__).with_name("trl_distributed_run.py")
+    mode = ["--multi_gpu"] if processes > 1 else ["--cpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(29500 + os.getpid() % 1000 + processes), str(script), model_dir, str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    records = [torch.load(out / f"rank{r}.pt") for r in range(processes)]
+    assert [r["world"] for r in records] == [processes] * processes and records[-1]["backend"] in ("gloo", None)
+    return records
+
+
+def by_row(records: list[dict], key: str) -> dict[tuple, torch.Tensor]:
+    """{completion tokens: that row's values of `key` over its valid tokens}, across ranks."""
+    out = {}
+    for rec in records:
+        for ids, mask, val in zip(rec["completion_ids"], rec["completion_mask"], rec[key]):
+            n = int(mask.sum())
+            out[tuple(ids[:n].tolist())] = val[:n] if val.dim() else val
+    return out
+
+
+def test_two_processes_match_one_process(tiny, tmp_path):
+    """The same 8-row generation batch trained by 1 process and by 2 (gloo): identical per-token
+    normalised batch-frequency thresholds, global normalisers and EMA state; the mean of the two
+    ranks' losses (what DDP's gradient averaging optimises) equals the 1-process loss."""
+    one = launch(tiny[0], tmp_path / "one", 1)
+    two = launch(tiny[0], tmp_path / "two", 2)
+    s1, s2 = by_row(one, "scale"), by_row(two, "scale")
+    assert len(s1) == 8 and s1.keys() == s2.keys()
+    for key in s1:
+        torch.testing.assert_close(s2[key], s1[key], rtol=1e-6, atol=1e-7)
+    # the schedule matters: not all 1, and a per-process computation would differ
+    flat = torch.cat(list(s1.values()))
+    assert flat.std() > 0.05 and abs(float(flat.mean()) - 1.0) < 1e-5  # normalised over the whole batch
+    local = [torch.cat([s for ids, s in by_row([r], "scale").items()]) for r in two]
+    assert all(abs(float(x.mean()) - 1.0) > 1e-3 for x in local)  # each rank's share alone is not normalised
+    a1, a2 = by_row(one, "advantages"), by_row(two, "advantages")
+    assert all(torch.allclose(a1[k], a2[k]) for k in a1)
+    assert {r["num_items_in_batch"] for r in two} == {one[0]["num_items_in_batch"]}
+    assert [r["global_tokens"] * r["world"] for r in two] == [one[0]["global_tokens"]] * 2
+    for r in two:
+        torch.testing.assert_close(r["ema_probs"], one[0]["ema_probs"])
+    assert sum(r["loss"] for r in two) / 2 == pytest.approx(one[0]["loss"], rel=1e-5, abs=1e-7)

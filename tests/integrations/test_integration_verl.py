@@ -546,3 +546,56 @@ def test_batch_frequency_ema_advances_once_per_rollout_batch(monkeypatch, one_pr
         expected = probs if expected is None else ema * expected + (1 - ema) * probs
     schedule = ttv._schedule(ttv.settings_from_config(cfg), cfg)
     torch.testing.assert_close(schedule.state.probs.double(), expected, rtol=1e-6, atol=1e-9)
+
+
+# ----------------------------------------- asynchronous trainers: bypass mode, mu = rollout log-probs
+
+
+@pytest.mark.parametrize("trainer_yaml", ["one_step_off_policy/config/one_step_off_ppo_trainer.yaml",
+                                          "fully_async_policy/config/fully_async_ppo_trainer.yaml"])
+def test_async_trainers_anchor_the_loss_on_rollout_log_probs(trainer_yaml, monkeypatch):
+    """verl's one-step-off and fully-async configs force bypass mode; the batch then reaches the
+    tt_* loss with old_log_probs := rollout_log_probs (verl's apply_bypass_mode), so the tokentrust
+    loss gets mu = the rollout engine's log-probs as behavior_logp, not a recomputed pi_old."""
+    import verl
+    from omegaconf import OmegaConf
+    from verl import DataProto
+    from verl.trainer.ppo.rollout_corr_helper import apply_bypass_mode
+    from verl.workers.config import FSDPActorConfig
+
+    yaml = OmegaConf.load(Path(verl.__file__).parent / "experimental" / trainer_yaml)
+    assert yaml.algorithm.rollout_correction.bypass_mode  # what the async trainers run with
+    td, flat, x = micro_batch(seed=51, V=20)
+    g = torch.Generator().manual_seed(52)
+    rollout = (x["old"] + 0.3 * torch.randn(x["old"].shape, generator=g)).clamp(max=-1e-3)
+    stale = torch.full_like(x["old"], -9.0)  # what must NOT be used: no old-log-prob recompute in bypass
+    batch = DataProto.from_dict(tensors={"old_log_probs": stale, "rollout_log_probs": rollout,
+                                         "response_mask": x["mask"].long()})
+    driver_policy_loss = OmegaConf.create({"loss_mode": "tt_dppo_tv"})
+    apply_bypass_mode(batch, OmegaConf.create(dict(yaml.algorithm.rollout_correction)), driver_policy_loss)
+    # verl also renames the DRIVER's loss_mode; the actor workers were built with theirs (tt_*) before
+    assert driver_policy_loss.loss_mode == "bypass_mode"
+    td["old_log_probs"] = batch.batch["old_log_probs"]
+    td["rollout_log_probs"] = batch.batch["rollout_log_probs"]
+
+    seen = []
+    real_get_loss = ttv.get_loss
+
+    def spy(name):
+        fn = real_get_loss(name)
+
+        def call(logp, behavior_logp, *args, **kw):
+            seen.append(behavior_logp.detach().clone())
+            return fn(logp, behavior_logp, *args, **kw)
+        return call
+
+    monkeypatch.setattr(ttv, "get_loss", spy)
+    for anchor in ("default", "rollout"):  # both give mu = rollout log-probs in bypass mode
+        cfg = FSDPActorConfig(policy_loss=ttv.TokenTrustPolicyLossConfig(loss_mode="tt_dppo_tv",
+                                                                       tokentrust={"anchor": anchor}),
+                              strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, use_rollout_log_probs=True)
+        run_ppo_loss(cfg, td, flat)
+    m = x["mask"]
+    for mu in seen:
+        torch.testing.assert_close(mu[m], rollout[m])
+    assert len(seen) == 2
