@@ -25,7 +25,7 @@ from tokentrust.integrations import ThresholdSettings  # noqa: E402
 from tokentrust.integrations.trl import TokenTrustGRPOConfig, TokenTrustGRPOTrainer  # noqa: E402
 from tokentrust.models import build_tiny_model, train_bpe_tokenizer  # noqa: E402
 from tokentrust.thresholds import BatchFrequencyState, compute_thresholds  # noqa: E402
-from tokentrust.vocab import FrequencyTable, tokenizer_hash  # noqa: E402
+from tokentrust.vocab import FrequencyTable, special_token_ids, tokenizer_hash  # noqa: E402
 
 DATA = Dataset.from_dict({"prompt": [f"the cat {i} sat" for i in range(16)]})
 
@@ -222,8 +222,11 @@ def test_batch_frequency_once_per_generation_batch_and_never_in_eval(tiny, tmp_p
     # reference: the EMA over whole generation batches, the thresholds from each whole batch
     state, expected_scales = BatchFrequencyState(), []
     spec = ThresholdSettings(**th).spec()
+    special = torch.zeros(V, dtype=torch.bool)
+    special[special_token_ids(tiny[1])] = True  # EOS / pad: base delta, not counted
     for _, ids, mask in train_batches:
-        expected_scales.append(compute_thresholds(spec, 1.0, ids * mask, mask.bool(), vocab_size=V, state=state))
+        expected_scales.append(compute_thresholds(spec, 1.0, ids * mask, mask.bool(), vocab_size=V, state=state,
+                                                  special=special))
     torch.testing.assert_close(trainer.tokentrust_schedule.state.probs, state.probs)
     for (_, ids, scale), k in zip([x for x in seen if x[0]], [0, 0, 0, 0, 1, 1, 1, 1]):
         _, batch_ids, _ = train_batches[k]

@@ -599,3 +599,32 @@ def test_async_trainers_anchor_the_loss_on_rollout_log_probs(trainer_yaml, monke
     for mu in seen:
         torch.testing.assert_close(mu[m], rollout[m])
     assert len(seen) == 2
+
+
+def test_special_tokens_get_the_base_delta(tmp_path):
+    """Special ids recorded in the table (EOS, pad, ...) get exactly delta and stay out of the
+    normalisation mean, as in tokentrust's trainer (the EOS confound of issue 9)."""
+    V, delta = 40, 0.1
+    counts = torch.arange(V, dtype=torch.int64) ** 2
+    table = FrequencyTable(counts=counts, tokenizer_name="test", vocab_size=V, fingerprint="f", source="test",
+                           special_ids=[1, 2])
+    table.save(tmp_path / "freq.safetensors")
+    cfg = tt_config({"delta": delta, "thresholds": {"kind": "frequency", "beta": 1.0, "s_min": 0.2, "s_max": 5.0,
+                                                    "normalize": True, "table": str(tmp_path / "freq.safetensors")}})
+    td, _, x = micro_batch(seed=61, V=V)
+    responses = x["responses"].clone()
+    responses[:, 0] = 1  # every response starts with a special token
+    td["responses"] = responses
+    ttv.attach_thresholds(td, cfg)
+    delta_t = delta * td["tokentrust_scale"]
+    m, special = x["mask"], (responses == 1) | (responses == 2)
+    assert special[m].any()
+    torch.testing.assert_close(delta_t[m & special], torch.full_like(delta_t[m & special], delta))
+    c = counts.double().clone()
+    c[[1, 2]] = 0  # special tokens carry no corpus frequency
+    f = (c + 1) / (c.sum() + V)
+    rho_ref = float((c / c.sum() * -f.log()).sum())
+    s = (-f.log()[responses] - rho_ref).exp().clamp(0.2, 5.0)
+    normal = m & ~special
+    expected = delta * s / s[normal].mean()
+    torch.testing.assert_close(delta_t[normal].double(), expected[normal], rtol=1e-5, atol=1e-7)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -41,6 +41,10 @@ class ThresholdSettings:
     smoothing: float = 1.0
     table: str | None = None  # FrequencyTable file (``tokentrust vocab build``); frequency/combined kinds
     vocab_size: int | None = None  # batch-frequency: model vocab size when the engine cannot tell
+    special_ids: tuple[int, ...] = ()  # extra special token ids (base delta), beyond the table's / tokenizer's
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "special_ids", tuple(sorted({int(i) for i in self.special_ids or ()})))
 
     def spec(self) -> ThresholdSpec:
         return ThresholdSpec(kind=self.kind, beta=self.beta, entropy_beta=self.entropy_beta, s_min=self.s_min,
@@ -108,12 +112,13 @@ def _check_keys(data: Mapping[str, Any], cls: type, where: str) -> None:
 
 
 @lru_cache(maxsize=8)
-def load_rarity(path: str) -> tuple[torch.Tensor, float]:
-    """(rho [V], rho_ref) of a frequency table, as tokentrust's trainer computes them; cached per process."""
+def load_token_info(path: str, rows: int | None = None):
+    """``FrequencyTable.token_info(rows)`` of a table file (rarity, rho_ref, special mask), as
+    tokentrust's trainer builds it; ids beyond the table (up to ``rows``) count as unseen. Cached."""
     from tokentrust.vocab import FrequencyTable
 
     table = FrequencyTable.load(path)
-    return table.rarity(), table.reference_rarity()
+    return table.token_info(max(table.vocab_size, rows or 0))
 
 
 def _process_group_size(group: Any = None) -> int:
@@ -167,19 +172,37 @@ class ThresholdSchedule:
     the micro-batch split, the number of PPO epochs or the number of ranks.
     """
 
-    def __init__(self, settings: ThresholdSettings, vocab_size: int | None = None):
+    def __init__(self, settings: ThresholdSettings, vocab_size: int | None = None,
+                 special_ids: Sequence[int] = ()):
+        """``special_ids``: the tokenizer's special tokens (EOS, pad, chat markers), if the engine
+        knows them; with those of the table and ``settings.special_ids`` they get s = 1 and stay out
+        of every batch statistic (``compute_thresholds(special=...)``)."""
         self.settings = settings
         self.spec = settings.spec()
         self.rarity: torch.Tensor | None = None
         self.rho_ref: float | None = None
-        if self.spec.needs_corpus_table:
-            if not settings.table:
-                raise ValueError(f"tokentrust.thresholds.kind={settings.kind!r} needs tokentrust.thresholds.table "
-                                 "(a frequency table file; build one with `tokentrust vocab build`)")
-            self.rarity, self.rho_ref = load_rarity(str(settings.table))
-        self.vocab_size = settings.vocab_size or vocab_size or (len(self.rarity) if self.rarity is not None else None)
+        self.special: torch.Tensor | None = None
+        if self.spec.needs_corpus_table and not settings.table:
+            raise ValueError(f"tokentrust.thresholds.kind={settings.kind!r} needs tokentrust.thresholds.table "
+                             "(a frequency table file; build one with `tokentrust vocab build`)")
+        vocab_size = settings.vocab_size or vocab_size
+        if settings.table and not self.constant:
+            info = load_token_info(str(settings.table), vocab_size)
+            self.special = info.special
+            if self.spec.needs_corpus_table:
+                self.rarity, self.rho_ref = info.rarity, info.rho_ref
+            vocab_size = max(vocab_size or 0, len(info.special))
+        self.vocab_size = vocab_size
         if self.spec.kind == "batch-frequency" and self.vocab_size is None:
             raise ValueError("tokentrust.thresholds.kind='batch-frequency' needs tokentrust.thresholds.vocab_size")
+        extra = sorted({int(i) for i in special_ids} | set(settings.special_ids))
+        if extra and self.vocab_size is not None and not self.constant:
+            if not 0 <= extra[0] <= extra[-1] < self.vocab_size:
+                raise ValueError(f"tokentrust.thresholds.special_ids must lie in [0, {self.vocab_size}), got {extra}")
+            if self.special is None:
+                self.special = torch.zeros(self.vocab_size, dtype=torch.bool)
+            self.special = self.special.clone()
+            self.special[extra] = True
         self.state = BatchFrequencyState()
         self.batches_seen = 0  # training batches that advanced the batch-frequency state
 
@@ -202,19 +225,20 @@ class ThresholdSchedule:
             raise ValueError(f"tokentrust.thresholds.kind={self.spec.kind!r} needs the entropy of mu at each token")
         mask = mask.bool()
         ids = token_ids.long()
-        if self.rarity is not None and mask.any() and int(ids[mask].max()) >= len(self.rarity):
-            raise ValueError(f"token id {int(ids[mask].max())} is outside the frequency table "
-                             f"(vocab size {len(self.rarity)}): the table was built for another tokenizer")
+        rows = len(self.rarity) if self.rarity is not None else self.vocab_size
+        if rows is not None and mask.any() and int(ids[mask].max()) >= rows:
+            raise ValueError(f"token id {int(ids[mask].max())} is outside the vocabulary ({rows} ids, frequency "
+                             "table / model): the table was built for another tokenizer")
         ids = torch.where(mask, ids, torch.zeros_like(ids))  # padding ids may be anything
         ent = None if entropy is None else entropy.detach().float()
         (all_ids, all_mask, all_ent), first = gather_rows([ids, mask, ent], group)
         state = self.state if train else copy.deepcopy(self.state)
         scale = compute_thresholds(self.spec, 1.0, all_ids, all_mask, rarity=self.rarity, rho_ref=self.rho_ref,
-                                   entropy=all_ent, vocab_size=self.vocab_size, state=state)
+                                   entropy=all_ent, vocab_size=self.vocab_size, state=state, special=self.special)
         if train and self.spec.kind == "batch-frequency":
             self.batches_seen += 1
         return scale[first:first + ids.shape[0], :ids.shape[1]].to(token_ids.device)
 
 
 __all__ = ["ANCHORS", "RESERVED_PARAMS", "ThresholdSchedule", "ThresholdSettings", "TokenTrustSettings",
-           "gather_rows", "load_rarity"]
+           "gather_rows", "load_token_info"]

@@ -100,13 +100,15 @@ class TokenTrustGRPOTrainer(GRPOTrainer):
             problems.append("an entropy bonus")
         if problems:
             raise ValueError("TokenTrustGRPOTrainer does not support " + ", ".join(problems))
-        model_vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
-        self.tokentrust_schedule = ThresholdSchedule(tt.thresholds, vocab_size=model_vocab)
-        if tt.thresholds.table:
-            from tokentrust.vocab import FrequencyTable
+        from tokentrust.vocab import FrequencyTable, special_token_ids
 
-            tok = getattr(self.processing_class, "tokenizer", self.processing_class)
+        model_vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        tok = getattr(self.processing_class, "tokenizer", self.processing_class)
+        if tt.thresholds.table:
             FrequencyTable.load(tt.thresholds.table, tokenizer=tok)  # VocabMismatchError if built for another
+        # special tokens (EOS, pad, chat markers) get the base delta under every schedule
+        self.tokentrust_schedule = ThresholdSchedule(tt.thresholds, vocab_size=model_vocab,
+                                                     special_ids=special_token_ids(tok))
 
     # -- pieces of _compute_loss -----------------------------------------------------------------
 

@@ -134,11 +134,18 @@ def settings_from_config(config: Any) -> TokenTrustSettings:
 
 
 def _schedule(settings: TokenTrustSettings, config: Any) -> ThresholdSchedule:
-    hf = getattr(getattr(config, "model_config", None), "hf_config", None)
-    vocab = getattr(hf, "vocab_size", None)
-    key = (settings.thresholds, vocab)
+    """One schedule (and batch-frequency state) per settings, model vocab and special ids, per process."""
+    model_config = getattr(config, "model_config", None)
+    vocab = getattr(getattr(model_config, "hf_config", None), "vocab_size", None)
+    tokenizer = getattr(model_config, "tokenizer", None)
+    special = ()
+    if tokenizer is not None and not settings.thresholds.spec().kind == "constant":
+        from tokentrust.vocab import special_token_ids
+
+        special = tuple(special_token_ids(tokenizer))
+    key = (settings.thresholds, vocab, special)
     if key not in _SCHEDULES:
-        _SCHEDULES[key] = ThresholdSchedule(settings.thresholds, vocab_size=vocab)
+        _SCHEDULES[key] = ThresholdSchedule(settings.thresholds, vocab_size=vocab, special_ids=special)
     return _SCHEDULES[key]
 
 
