@@ -32,11 +32,10 @@ verl computes no weights. Extra settings (``tokentrust.delta``,
 ``policy_loss._target_`` is :class:`TokenTrustPolicyLossConfig`, else from the JSON/YAML file (or
 inline JSON) named by the env var ``TOKENTRUST_VERL_CONFIG``.
 
-Token ids and entropies: verl calls a registered loss with log-probs only. Its actor loss
-``verl.workers.utils.losses.ppo_loss`` does hold the micro-batch (``data["responses"]``,
-``data["rollout_log_probs"]``) and the model output (``model_output["entropy"]`` when
-``actor.calculate_entropy=True``), and drops them. :func:`register` wraps that function so it
-publishes both in a context variable for the duration of the call (its behaviour is
+Micro-batch data: verl calls a registered loss with log-probs only. Its actor loss
+``verl.workers.utils.losses.ppo_loss`` does hold the micro-batch (``data["rollout_log_probs"]``,
+``data["tokentrust_scale"]``) and drops it. :func:`register` wraps that function so it publishes
+``(model_output, data)`` in a context variable for the duration of the call (its behaviour is
 otherwise unchanged); the ``tt_*`` losses read them from there when a schedule or
 ``anchor=rollout`` needs them, and raise a clear error when they are missing.
 
