@@ -1,60 +1,82 @@
-"""Report builder on fabricated grids (synthetic metrics.jsonl + eval/results.json)."""
+"""Report builder on fabricated grids (synthetic metrics.jsonl, config.json, eval results and
+per-problem outcomes); the statistics themselves are tested in test_inference / test_calibration."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import re
+import zlib
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from tokentrust.metrics import summarize_run
 from tokentrust.report import build_report
 
 BASE = "dppo-tv"
 AV = "av-freq"
-COMMAND = "tokentrust grid --methods dppo-tv,av-freq --seeds 0,1 --steps 40"
+COMMAND = "tokentrust compare --preset x --out runs/x"
 CONFIG = {"model": "tiny", "train": {"steps": 40, "lr": 1e-5}}
+PROMPTS, GROUP = 8, 8  # samples per step m = 64
+N_PROBLEMS = 60
 
-# what a synthetic run looks like: the quality knobs a method can have
-GOOD = dict(noise=0.01, spikes=(), greedy=0.50, rare=0.08, rare_types=12.0, nll=1.2)
-POOR = dict(noise=0.10, spikes=(15, 30), greedy=0.30, rare=0.03, rare_types=6.0, nll=1.6)
+# quality knobs of a synthetic method: extra per-step policy noise on the reward, eval accuracy,
+# rare-token share and coherence NLL
+GOOD = dict(jump=0.0, acc=0.75, rare=0.08, nll=1.2)
+POOR = dict(jump=0.12, acc=0.45, rare=0.03, nll=1.6)
+SEEDS8 = tuple(range(8))
 
 
-def _write_run(d, seed: int, q: dict, steps: int = 40) -> None:
-    rng = np.random.default_rng(seed)  # same seed -> same noise for every method
+def _rng(method: str, seed: int) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(f"{method}/{seed}".encode()))
+
+
+def _write_run(d, method: str, seed: int, q: dict, steps: int = 40) -> None:
+    rng = _rng(method, seed)
     d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"rollout": {"prompts_per_step": PROMPTS, "group_size": GROUP}}))
+    m = PROMPTS * GROUP
     with open(d / "metrics.jsonl", "w") as f:
         for t in range(1, steps + 1):
+            p = float(np.clip(0.3 + 0.008 * t + q["jump"] * rng.normal(), 0.02, 0.98))
             rec = {
                 "step": t,
-                "reward/mean": 0.2 + 0.005 * t + q["noise"] * rng.normal(),
-                "loss/total": 0.1 * q["noise"] * rng.normal(),
-                "actor/grad_norm": (40.0 if t in q["spikes"] else 1.0) * (1 + 0.05 * rng.random()),
+                "reward/mean": rng.binomial(m, p) / m,
+                "loss/total": 0.01 * rng.normal(),
+                "actor/grad_norm": 1.0 + 0.05 * rng.random(),
                 "actor/entropy": 1.5 - 0.01 * t,
                 "trust_region/kept_frac": 0.9,
-                "trust_region/abs_diff_mean": 0.02,
             }
             for b in range(5):
                 rec[f"trust_region/kept_frac/bucket_{b}"] = 0.95 - 0.05 * b
-                rec[f"trust_region/delta_mean/bucket_{b}"] = 0.15 * (1 + 0.2 * b)
                 rec[f"rare/share/bucket_{b}"] = [0.5, 0.3, 0.15, q["rare"], 0.001][b]
             f.write(json.dumps(rec) + "\n")
         f.write('{"step": 41, "reward/me')  # a crash mid-write
     (d / "eval").mkdir()
-    jitter = 0.01 * seed
+    offset = 0.05 * rng.normal()  # training randomness shifts the whole run
+    difficulty = np.random.default_rng(123).normal(size=N_PROBLEMS)  # shared by every run
+    p_correct = 1 / (1 + np.exp(-(np.log(q["acc"] / (1 - q["acc"])) + offset - difficulty)))
+    greedy = rng.random(N_PROBLEMS) < p_correct
+    samples = rng.random((N_PROBLEMS, 4)) < p_correct[:, None]
+    rows = [
+        {"id": f"p{i}", "greedy_correct": bool(greedy[i]), "samples_correct": samples[i].tolist()}
+        for i in range(N_PROBLEMS)
+    ]
+    (d / "eval" / "problems.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (d / "eval" / "results.json").write_text(
         json.dumps(
             {
-                "greedy_pass@1": q["greedy"] + jitter,
-                "mean@k": q["greedy"] - 0.05 + jitter,
-                "pass@k": q["greedy"] + 0.2 + jitter,
+                "greedy_pass@1": float(greedy.mean()),
+                "mean@k": float(samples.mean()),
+                "pass@k": float(samples.any(1).mean()),
                 "k": 4,
                 "n": 4,
-                "coherence_nll": q["nll"] + jitter,
-                "rare_share": q["rare"] + jitter / 10,
-                "distinct_rare_per_1k": q["rare_types"] + jitter,
+                "coherence_nll": q["nll"] + 0.05 * rng.normal(),
+                "rare_share": q["rare"] + 0.005 * rng.normal(),
+                "distinct_rare_per_1k": 100 * q["rare"] + rng.normal(),
                 "distinct_2": 0.6,
                 "bucket_shares": [0.5, 0.3, 0.15, q["rare"], 0.001],
             }
@@ -63,29 +85,19 @@ def _write_run(d, seed: int, q: dict, steps: int = 40) -> None:
     (d / "DONE").write_text("")
 
 
-def _make_grid(root, av_quality: dict, base_quality: dict, seeds=(0, 1, 2), av_family="av-dppo"):
+def _make_grid(root, av_quality, base_quality, seeds=SEEDS8, av_family="av-dppo", primary=True):
     methods = {
-        BASE: {
-            "loss": "dppo_tv",
-            "delta": 0.15,
-            "description": "fixed-threshold DPPO",
-            "family": "dppo",
-        },
-        AV: {
-            "loss": "av_dppo",
-            "delta": 0.15,
-            "beta": 0.5,
-            "description": "frequency thresholds",
-            "family": av_family,
-        },
+        BASE: {"loss": "dppo-tv", "delta": 0.15, "description": "fixed-threshold DPPO", "family": "baseline"},
+        AV: {"loss": "dppo-tv", "delta": 0.15, "description": "frequency thresholds", "family": av_family},
     }
+    grid = {"methods": methods, "seeds": list(seeds), "command": COMMAND, "config": CONFIG}
+    if primary:
+        grid["primary"] = {"method": AV, "baseline": BASE}
     root.mkdir(parents=True)
-    (root / "grid.json").write_text(
-        json.dumps({"methods": methods, "seeds": list(seeds), "command": COMMAND, "config": CONFIG})
-    )
+    (root / "grid.json").write_text(json.dumps(grid))
     for s in seeds:
-        _write_run(root / "runs" / BASE / f"seed_{s}", s, base_quality)
-        _write_run(root / "runs" / AV / f"seed_{s}", s, av_quality)
+        _write_run(root / "runs" / BASE / f"seed_{s}", BASE, s, base_quality)
+        _write_run(root / "runs" / AV / f"seed_{s}", AV, s, av_quality)
     return root
 
 
@@ -106,77 +118,98 @@ def _verdicts(report_path) -> dict[str, str]:
 
 def test_report_files_and_supported(tmp_path):
     grid = _make_grid(tmp_path / "g", GOOD, POOR)
-    path = build_report(grid, baseline=BASE, n_boot=2000)
+    path = build_report(grid, baseline=BASE)
     text = path.read_text()
     assert path == grid / "report.md"
-    assert _verdicts(path) == {
-        "H1": "SUPPORTED",
-        "H2": "SUPPORTED",
-        "H3": "SUPPORTED",
-        "H4": "SUPPORTED",
-    }
-    # exact command and config are in the report
+    assert _verdicts(path) == {h: "SUPPORTED" for h in ("H1", "H2", "H3", "H4")}
+    assert "declared in grid.json" in _first_paragraph(text)
+    assert "2/2^n = 0.0078 at n = 8" in text
     assert COMMAND in text
     assert json.dumps(CONFIG, indent=2, sort_keys=True) in text
-    # plots exist, are PNGs and are linked
-    for name in ("reward", "entropy", "rare_share", "kept_frac_buckets", "accuracy"):
+    for name in ("forest", "reward", "entropy", "rare_share", "kept_frac_buckets", "accuracy"):
         png = grid / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"(plots/{name}.png)" in text
-    # summary.csv: one row per run plus mean / ci_lo / ci_hi per method, values from summarize_run
+    # summary.csv: one row per run plus mean / ci_lo / ci_hi (t-interval) per method
     rows = list(csv.DictReader(open(grid / "summary.csv")))
     runs = [r for r in rows if r["kind"] == "run"]
-    assert sorted((r["method"], r["seed"]) for r in runs) == sorted(
-        (m, str(s)) for m in (BASE, AV) for s in (0, 1, 2)
-    )
+    assert sorted((r["method"], r["seed"]) for r in runs) == sorted((m, str(s)) for m in (BASE, AV) for s in SEEDS8)
     for r in runs:
         ref = summarize_run(grid / "runs" / r["method"] / f"seed_{r['seed']}")
         assert float(r["eval/greedy_pass@1"]) == pytest.approx(ref["eval/greedy_pass@1"])
-        assert float(r["stability/grad_spikes"]) == ref["stability/grad_spikes"]
+        assert float(r["stability/reward_noise_norm"]) == pytest.approx(ref["stability/reward_noise_norm"])
     agg = {(r["kind"], r["method"]): r for r in rows if r["kind"] != "run"}
     assert set(agg) == {(k, m) for k in ("mean", "ci_lo", "ci_hi") for m in (BASE, AV)}
-    assert float(agg[("mean", AV)]["eval/greedy_pass@1"]) == pytest.approx(0.51)
-    lo, hi = (
-        float(agg[("ci_lo", AV)]["eval/greedy_pass@1"]),
-        float(agg[("ci_hi", AV)]["eval/greedy_pass@1"]),
-    )
-    assert lo == pytest.approx(0.50) and hi == pytest.approx(0.52)
-    # the paired-difference table reports the accuracy gain of +0.2 in every seed
-    assert re.search(r"eval/greedy_pass@1 ↑ \| \*\*0\.2 \[0\.2, 0\.2\]\*\* wins 3/3", text)
+    vals = np.array([float(r["eval/greedy_pass@1"]) for r in runs if r["method"] == AV])
+    half = stats.t.ppf(0.975, vals.size - 1) * vals.std(ddof=1) / math.sqrt(vals.size)
+    assert float(agg[("mean", AV)]["eval/greedy_pass@1"]) == pytest.approx(vals.mean())
+    assert float(agg[("ci_lo", AV)]["eval/greedy_pass@1"]) == pytest.approx(vals.mean() - half)
+    assert float(agg[("ci_hi", AV)]["eval/greedy_pass@1"]) == pytest.approx(vals.mean() + half)
 
 
-def test_identical_data_is_inconclusive(tmp_path):
+def test_primary_comparison_is_not_repeated_as_secondary(tmp_path):
+    grid = _make_grid(tmp_path / "g", GOOD, POOR)
+    text = build_report(grid, baseline=BASE).read_text()
+    secondary = text.split("## Secondary comparisons", 1)[1].split("## Setup", 1)[0]
+    assert "stability/reward_noise_norm" not in secondary  # H1's primary
+    assert "stability/collapse_count" in secondary and "eval/mean@k" in secondary
+    assert "Holm-corrected across all" in secondary
+
+
+def test_identical_methods_are_inconclusive_and_state_the_mde(tmp_path):
     grid = _make_grid(tmp_path / "g", POOR, POOR)
-    v = _verdicts(build_report(grid, baseline=BASE, n_boot=2000))
-    assert v == {h: "INCONCLUSIVE" for h in ("H1", "H2", "H3", "H4")}
+    path = build_report(grid, baseline=BASE)
+    assert _verdicts(path) == {h: "INCONCLUSIVE" for h in ("H1", "H2", "H3", "H4")}
+    para = _first_paragraph(path.read_text())
+    assert para.count("detectable at n = 8 with 80% power (level 0.0125)") == 4
+    assert "seeds for 80% power at the observed difference" in para
 
 
 def test_worse_everywhere_is_contradicted(tmp_path):
     grid = _make_grid(tmp_path / "g", POOR, GOOD)
-    v = _verdicts(build_report(grid, baseline=BASE, n_boot=2000))
+    v = _verdicts(build_report(grid, baseline=BASE))
     assert v == {h: "CONTRADICTED" for h in ("H1", "H2", "H3", "H4")}
 
 
 def test_rare_gain_with_accuracy_loss_contradicts_h3(tmp_path):
-    # more rare tokens, but lower accuracy: H3's accuracy guard fails
-    av = dict(POOR, rare=0.08, rare_types=12.0)
-    grid = _make_grid(tmp_path / "g", av, dict(POOR, greedy=0.5))
-    v = _verdicts(build_report(grid, baseline=BASE, n_boot=2000))
+    av = dict(POOR, rare=0.08)  # more rare tokens, but the baseline is more accurate
+    grid = _make_grid(tmp_path / "g", av, dict(POOR, acc=0.75))
+    path = build_report(grid, baseline=BASE)
+    v = _verdicts(path)
     assert v["H3"] == "CONTRADICTED" and v["H2"] == "CONTRADICTED"
     assert v["H1"] == "INCONCLUSIVE" and v["H4"] == "INCONCLUSIVE"
+    assert "guard eval/greedy_pass@1 is significantly worse" in path.read_text()
 
 
-def test_family_decides_which_methods_are_judged(tmp_path):
-    # the same clearly-better data, but the method is not declared AV-DPPO: nothing is supported
-    grid = _make_grid(tmp_path / "g", GOOD, POOR, av_family="ppo")
-    v = _verdicts(build_report(grid, baseline=BASE, n_boot=500))
-    assert set(v.values()) == {"INCONCLUSIVE"}
+def test_default_primary_and_family(tmp_path):
+    # no `primary` in grid.json: the first av-dppo method is compared with the baseline, and the
+    # report says the comparison was defaulted
+    grid = _make_grid(tmp_path / "a", GOOD, POOR, primary=False)
+    path = build_report(grid, baseline=BASE)
+    assert "defaulted (grid.json has no `primary`)" in _first_paragraph(path.read_text())
+    assert _verdicts(path)["H2"] == "SUPPORTED"
+    # the same data without an av-dppo method and without a declaration: nothing is judged
+    grid = _make_grid(tmp_path / "b", GOOD, POOR, av_family="baseline", primary=False)
+    path = build_report(grid, baseline=BASE)
+    assert set(_verdicts(path).values()) == {"INCONCLUSIVE"}
+    assert "no primary declared" in _first_paragraph(path.read_text())
 
 
-def test_too_few_seeds_is_inconclusive_and_missing_baseline_raises(tmp_path):
-    for seeds in ((0,), (0, 1)):  # a percentile CI over 1 or 2 pairs decides nothing
-        grid = _make_grid(tmp_path / f"g{len(seeds)}", GOOD, POOR, seeds=seeds)
-        v = _verdicts(build_report(grid, baseline=BASE, n_boot=500))
-        assert set(v.values()) == {"INCONCLUSIVE"}
+def test_three_seeds_state_the_permutation_floor(tmp_path):
+    grid = _make_grid(tmp_path / "g", GOOD, POOR, seeds=(0, 1, 2))
+    text = build_report(grid, baseline=BASE).read_text()
+    assert "2/2^n = 0.250 at n = 3, and with fewer than 6 paired seeds it cannot reach p < 0.05" in text
+    assert "the paired t-test is therefore the deciding test" in text
+
+
+def test_bad_primary_spec_and_missing_baseline_raise(tmp_path):
+    grid = _make_grid(tmp_path / "g", GOOD, POOR, seeds=(0, 1))
     with pytest.raises(ValueError, match="baseline"):
         build_report(grid, baseline="ppo")
+    spec = json.loads((grid / "grid.json").read_text())
+    for primary, field in (({"method": "nope"}, r"grid\.primary\.H1\.method"),
+                           ({"method": AV, "H9": {}}, r"grid\.primary: unknown key"),
+                           ({"method": AV, "H2": {"metric": "x"}}, r"grid\.primary\.H2")):
+        (grid / "grid.json").write_text(json.dumps({**spec, "primary": primary}))
+        with pytest.raises(ValueError, match=field):
+            build_report(grid, baseline=BASE)

@@ -56,18 +56,19 @@ METHODS["av-freq-inverse"] = {"algo": {**_AV, "delta": 0.15, "thresholds": {"kin
 GRID_PRESETS: dict[str, dict[str, Any]] = {
     # README main job: ~5 minutes on 2 cores (plus ~1 minute to build the warm start once).
     "demo": {"preset": "tiny-arith", "methods": ["ppo", "dppo-tv", "av-freq-norm"], "seeds": [0, 1],
+             "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
              "overrides": {"max_steps": 30, "task": {"eval_limit": 96, "eval_samples": 2}}},
     # Every baseline, the AV-DPPO schedules, the inverse control, 3 seeds: ~40 min on 2 cores.
     "cpu-study": {"preset": "tiny-arith",
                   "methods": ["ppo", "clip-higher", "dppo-tv", "dppo-kl", "cppo", "drpo", "av-freq", "av-freq-norm",
                               "av-batch-norm", "av-entropy-norm", "av-combined-norm", "av-freq-inverse"],
-                  "seeds": [0, 1, 2],
+                  "seeds": [0, 1, 2], "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
                   "overrides": {"max_steps": 40, "task": {"eval_limit": 128, "eval_samples": 4}}},
     # GPU: Qwen2.5-Math-1.5B on GSM8K; about 8 GPU-hours per run on one H100 (300 steps x 512 samples).
     "gpu-study": {"preset": "qwen-math-gsm8k",
                   "methods": ["ppo", "clip-higher", "dppo-tv", "dppo-kl", "dppo-topk-tv", "cppo", "drpo", "av-freq",
                               "av-freq-norm", "av-batch-norm", "av-entropy-norm", "av-combined-norm", "av-freq-inverse"],
-                  "seeds": [0, 1, 2],
+                  "seeds": [0, 1, 2], "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
                   "overrides": {"task": {"eval_limit": 1319, "eval_samples": 4}}},
 }
 
@@ -84,11 +85,13 @@ def load_grid(preset: str | None = None, file: str | None = None) -> dict[str, A
     else:
         spec = load_file(file)
         spec.setdefault("name", Path(file).stem)
-    unknown = set(spec) - {"name", "preset", "config", "methods", "seeds", "overrides"}
+    unknown = set(spec) - {"name", "preset", "config", "methods", "seeds", "overrides", "primary"}
     if unknown:
-        raise ConfigError(f"unknown grid key(s) {sorted(unknown)}; known: preset, config, methods, seeds, overrides")
+        raise ConfigError(f"unknown grid key(s) {sorted(unknown)}; known: preset, config, methods, seeds, overrides, primary")
     if not spec.get("methods"):
         raise ConfigError("grid.methods must list at least one method")
+    if not isinstance(spec.get("primary", {}), dict):
+        raise ConfigError(f"grid.primary must be {{'method': ..., 'baseline': ...}}, got {spec['primary']!r}")
     if not spec.get("seeds") or not all(isinstance(s, int) for s in spec["seeds"]):
         raise ConfigError(f"grid.seeds must be a non-empty list of integers, got {spec.get('seeds')}")
     return spec
@@ -163,6 +166,7 @@ def run_grid(spec: dict[str, Any], grid_dir: str | Path, *, workers: int = 1, ov
     methods = expand_methods(spec["methods"])
     atomic_write_json(grid_dir / "grid.json", {
         "name": spec.get("name"), "command": command, "seeds": spec["seeds"],
+        **({"primary": spec["primary"]} if "primary" in spec else {}),
         "methods": {n: {"family": e.get("family", "baseline"), "description": e.get("description", ""),
                         **e.get("algo", {})} for n, e in methods.items()},
         "config": {"preset": spec.get("preset"), "config": spec.get("config"),

@@ -1,5 +1,5 @@
-"""Experiment metrics: accuracy, stability, rare-token diversity, coherence, trust-region
-diagnostics and bootstrap confidence intervals.
+"""Experiment metrics: accuracy, stability, rare-token diversity, coherence and trust-region
+diagnostics (inference over seeds lives in `tokentrust.inference`).
 
 Everything here is a pure function of logged data (RUN_DIR/metrics.jsonl, eval/results.json) or of
 a frozen model; nothing touches trainer state. `summarize_run` turns one run directory into one
@@ -18,7 +18,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,66 @@ def reward_diff_std(records: Sequence[Record], key: str = "reward/mean") -> floa
     """Std of step-to-step changes of the mean reward: step noise with the trend removed."""
     v = _values(records, key)
     return float(np.std(np.diff(v), ddof=1)) if v.size >= 3 else float("nan")
+
+
+def reward_noise_normalized(
+    records: Sequence[Record], samples_per_step: int | None, key: str = "reward/mean"
+) -> float:
+    """Step-to-step reward noise in units of its Bernoulli sampling noise.
+
+    A mean of m Bernoulli(p) rewards has variance p(1-p)/m, so raw noise peaks at p = 0.5 and a
+    method that sits nearer 0.5 looks less stable. Here each change r_t - r_{t-1} is divided by
+    sqrt(2 pbar (1 - pbar) / m), pbar = (r_t + r_{t-1}) / 2 clipped to [0.5/m, 1 - 0.5/m], and
+    the std of these z-scores is returned: about 1 for pure sampling noise, larger when the
+    policy itself jumps. m = prompts_per_step * group_size. NaN without m or with < 3 steps."""
+    v = _values(records, key)
+    if not samples_per_step or samples_per_step < 1 or v.size < 3:
+        return float("nan")
+    m = float(samples_per_step)
+    pbar = np.clip((v[1:] + v[:-1]) / 2, 0.5 / m, 1 - 0.5 / m)
+    z = np.diff(v) / np.sqrt(2 * pbar * (1 - pbar) / m)
+    return float(np.std(z, ddof=1))
+
+
+def collapse_events(
+    curve_values: Sequence[float] | np.ndarray,
+    frac: float = 0.5,
+    min_steps: int = 3,
+    min_peak: float = 0.2,
+) -> list[tuple[int, int]]:
+    """Collapse events of a reward curve as (first index, length).
+
+    An event is a maximal run of at least `min_steps` consecutive points below `frac` times the
+    running maximum (including the current point), counted only once that maximum is at least
+    `min_peak` (so a run that never learned does not "collapse")."""
+    a = np.asarray(curve_values, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    if a.size == 0:
+        return []
+    peak = np.maximum.accumulate(a)
+    below = (peak >= min_peak) & (a < frac * peak)
+    events, start = [], None
+    for i, b in enumerate([*below.tolist(), False]):
+        if b and start is None:
+            start = i
+        elif not b and start is not None:
+            if i - start >= min_steps:
+                events.append((start, i - start))
+            start = None
+    return events
+
+
+def time_to_collapse(
+    steps: Sequence[float] | np.ndarray, curve_values: Sequence[float] | np.ndarray, **kw: float
+) -> tuple[float, bool]:
+    """(step of the first collapse event, True), or (last step, False) when none: censored.
+
+    `kw` is passed to `collapse_events`."""
+    s = np.asarray(steps, dtype=np.float64)
+    if s.size == 0:
+        return float("nan"), False
+    ev = collapse_events(curve_values, **kw)  # type: ignore[arg-type]
+    return (float(s[ev[0][0]]), True) if ev else (float(s[-1]), False)
 
 
 def loss_variance(records: Sequence[Record], key: str = "loss/total") -> float:
@@ -407,82 +467,14 @@ def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) ->
     return float((a * b).sum() / den) if den > 0 else float("nan")
 
 
-def _rank(a: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank."""
-    order = np.argsort(a, kind="mergesort")
-    s = a[order]
-    ranks = np.empty(a.size, dtype=np.float64)
-    i = 0
-    while i < a.size:
-        j = i
-        while j + 1 < a.size and s[j + 1] == s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
-
-
 def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
     """Spearman rank correlation (Pearson of average ranks, so ties are handled)."""
+    from scipy.stats import rankdata  # lazy: the adapters' environments import this module
+
     a, b = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
     if a.shape != b.shape:
         raise ValueError("x and y must have the same length")
-    return pearson(_rank(a), _rank(b))
-
-
-# ----------------------------------------------------------------------------------------------
-# bootstrap confidence intervals
-
-
-def bootstrap_ci(
-    values: Sequence[float] | np.ndarray,
-    stat: Callable[..., Any] = np.mean,
-    n_boot: int = 10000,
-    alpha: float = 0.05,
-    seed: int = 0,
-) -> tuple[float, float, float]:
-    """Percentile bootstrap: (stat(values), lo, hi) with a (1 - alpha) interval.
-
-    Non-finite values are dropped. One value gives (v, v, v); none gives NaNs. `stat` is called as
-    stat(samples, axis=1) when it accepts `axis`, else once per resample. With very few values
-    (e.g. 2-3 seeds) the percentile interval is narrow and undercovers: treat it as descriptive.
-    """
-    a = np.asarray(values, dtype=np.float64).ravel()
-    a = a[np.isfinite(a)]
-    if a.size == 0:
-        return (float("nan"),) * 3
-    point = float(stat(a))
-    if a.size == 1:
-        return point, point, point
-    rng = np.random.default_rng(seed)
-    stats = np.empty(n_boot, dtype=np.float64)
-    chunk = max(1, 2_000_000 // a.size)
-    for s in range(0, n_boot, chunk):
-        m = min(chunk, n_boot - s)
-        samples = a[rng.integers(0, a.size, size=(m, a.size))]
-        try:
-            stats[s : s + m] = stat(samples, axis=1)
-        except TypeError:
-            stats[s : s + m] = [stat(row) for row in samples]
-    lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
-    return point, float(lo), float(hi)
-
-
-def paired_diff_ci(
-    a: Sequence[float] | np.ndarray,
-    b: Sequence[float] | np.ndarray,
-    stat: Callable[..., Any] = np.mean,
-    n_boot: int = 10000,
-    alpha: float = 0.05,
-    seed: int = 0,
-) -> tuple[float, float, float]:
-    """Bootstrap CI of stat(a_i - b_i) over pairs (e.g. seeds) matched by index; pairs with a
-    non-finite side are dropped."""
-    x, y = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
-    if x.shape != y.shape:
-        raise ValueError(f"paired inputs need equal length, got {x.size} and {y.size}")
-    ok = np.isfinite(x) & np.isfinite(y)
-    return bootstrap_ci(x[ok] - y[ok], stat=stat, n_boot=n_boot, alpha=alpha, seed=seed)
+    return pearson(rankdata(a), rankdata(b))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,15 +501,24 @@ def _head_tail(v: np.ndarray, w: int = 10) -> tuple[float, float]:
     return float(v[:w].mean()), float(v[-w:].mean())
 
 
-def summarize_records(records: Sequence[Record]) -> dict[str, float]:
-    """Scalar training metrics of one run from its step records (see `summarize_run`)."""
+def summarize_records(
+    records: Sequence[Record], samples_per_step: int | None = None
+) -> dict[str, float]:
+    """Scalar training metrics of one run from its step records (see `summarize_run`).
+
+    `samples_per_step` (prompts_per_step * group_size) normalises the reward noise."""
     out: dict[str, float] = {"train/steps": float(len(records))}
     if not records:
         return out
-    _, reward = curve(records, "reward/mean")
+    rsteps, reward = curve(records, "reward/mean")
     out["stability/reward_std"] = reward_std(records)
     out["stability/reward_diff_std"] = reward_diff_std(records)
+    out["stability/reward_noise_norm"] = reward_noise_normalized(records, samples_per_step)
     out["stability/max_drawdown"] = max_drawdown(reward)
+    out["stability/collapse_count"] = float(len(collapse_events(reward)))
+    ttc, collapsed = time_to_collapse(rsteps, reward)
+    out["stability/time_to_collapse"] = ttc
+    out["stability/collapsed"] = float(collapsed)
     out["stability/loss_var"] = loss_variance(records)
     out["stability/grad_norm_p99"] = grad_norm_p99(records)
     raw_norms = [r.get("actor/grad_norm") for r in records if "actor/grad_norm" in r]
@@ -579,6 +580,16 @@ def summarize_eval(results: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def samples_per_step(run_dir: str | os.PathLike) -> int | None:
+    """rollout.prompts_per_step * rollout.group_size from RUN_DIR/config.json (None if absent)."""
+    p = Path(run_dir) / "config.json"
+    try:
+        ro = json.loads(p.read_text(encoding="utf-8")).get("rollout", {})
+        return int(ro["prompts_per_step"]) * int(ro["group_size"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def summarize_run(run_dir: str | os.PathLike) -> dict[str, float]:
     """One flat dict of scalar metrics for a run directory.
 
@@ -587,7 +598,7 @@ def summarize_run(run_dir: str | os.PathLike) -> dict[str, float]:
     exists. Stability metrics are computed on the raw per-step curves (see the functions above).
     """
     d = Path(run_dir)
-    out = summarize_records(load_metrics(d))
+    out = summarize_records(load_metrics(d), samples_per_step(d))
     out["train/done"] = 1.0 if (d / "DONE").exists() else 0.0
     res = d / "eval" / "results.json"
     if res.exists():

@@ -1,22 +1,18 @@
-"""Grid report: per-method bootstrap CIs over seeds, paired differences against a baseline,
-hypothesis verdicts computed from the data, and plots.
+"""Grid report: calibrated hypothesis verdicts, secondary comparisons, per-method summaries, plots.
 
 Input layout (written by the grid runner):
 
     GRID_DIR/grid.json                {"methods": {name: {"loss", params..., "description",
-                                       "family"}}, "seeds": [...], "command": "...", "config": {}}
-    GRID_DIR/runs/<method>/seed_<s>/  one run directory each (see docs/architecture.md)
+                                       "family"}}, "seeds": [...], "primary": {"method",
+                                       "baseline"}, "command": "...", "config": {}}
+    GRID_DIR/runs/<method>/seed_<s>/  one run directory each (metrics.jsonl, config.json,
+                                      eval/results.json, eval/problems.jsonl)
 
 Output: GRID_DIR/report.md, GRID_DIR/summary.csv, GRID_DIR/plots/*.png.
 
-Verdict rule. For each AV-DPPO method (grid.json `"family": "av-dppo"`) and each metric of a
-hypothesis we take the paired difference (method - baseline) over seeds and its percentile
-bootstrap CI. A metric is favourable if the CI excludes 0 in the hypothesis's direction and
-unfavourable if it excludes 0 in the other. A method SUPPORTS a hypothesis if at least one metric
-is favourable and none unfavourable, CONTRADICTS it in the mirror case, and is INCONCLUSIVE
-otherwise (nothing excludes 0, mixed signs, or fewer than 2 paired seeds). H3 also has an accuracy
-guard: a significant accuracy loss makes it CONTRADICTED. Across AV methods: SUPPORTED if some
-method supports and none contradicts, CONTRADICTED in the mirror case, else INCONCLUSIVE.
+The statistics live in `tokentrust.inference` (tests, intervals, power) and `tokentrust.verdicts`
+(hypotheses, primary comparisons, Holm corrections); this module only loads runs and writes
+sections. See docs/statistics.md for the procedures.
 """
 
 from __future__ import annotations
@@ -26,77 +22,45 @@ import json
 import math
 import os
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
 
-from tokentrust.metrics import bootstrap_ci, curve, load_metrics, paired_diff_ci, summarize_run
-
-SUPPORTED, CONTRADICTED, INCONCLUSIVE = "SUPPORTED", "CONTRADICTED", "INCONCLUSIVE"
-AV_FAMILY = "av-dppo"
-
-
-@dataclass(frozen=True)
-class Hypothesis:
-    """A claim about AV-DPPO vs the baseline, judged on metrics with a favourable direction
-    (+1: higher is better, -1: lower is better). `guard` metrics must not move unfavourably."""
-
-    key: str
-    name: str
-    claim: str
-    metrics: tuple[tuple[str, int], ...]
-    guard: tuple[tuple[str, int], ...] = ()
-
-
-MIN_PAIRS = 3  # paired seeds needed before a metric's CI may decide a verdict
-
-HYPOTHESES: tuple[Hypothesis, ...] = (
-    Hypothesis(
-        "H1",
-        "stability",
-        "AV-DPPO trains more stably (lower step-to-step reward noise, reward drawdown, gradient-norm spikes)",
-        (
-            ("stability/reward_diff_std", -1),
-            ("stability/max_drawdown", -1),
-            ("stability/grad_spikes", -1),
-        ),
-    ),
-    Hypothesis(
-        "H2",
-        "accuracy",
-        "AV-DPPO reaches higher eval accuracy",
-        (("eval/greedy_pass@1", +1), ("eval/mean@k", +1), ("eval/pass@k", +1)),
-    ),
-    Hypothesis(
-        "H3",
-        "rare-token utility",
-        "AV-DPPO generates more rare tokens / rare token types without lower accuracy",
-        (("rare/share_rare", +1), ("rare/distinct_rare_per_1k", +1)),
-        guard=(("eval/greedy_pass@1", +1), ("eval/mean@k", +1)),
-    ),
-    Hypothesis(
-        "H4",
-        "coherence",
-        "AV-DPPO generations are not less coherent (NLL under the initial model not higher)",
-        (("coherence/nll", -1),),
-    ),
+from tokentrust import report_plots as plots
+from tokentrust.inference import PairedResult, mean_interval, min_signflip_p
+from tokentrust.metrics import load_metrics, read_jsonl, summarize_run
+from tokentrust.verdicts import (
+    CONTRADICTED,
+    HYPOTHESES,
+    INCONCLUSIVE,
+    SUPPORTED,
+    HypothesisResult,
+    Plan,
+    SecondaryRow,
+    evaluate_hypotheses,
+    resolve_plan,
+    secondary_findings,
+    secondary_tests,
 )
 
-# metrics shown in the tables: (name, favourable direction; 0 = descriptive only)
+__all__ = ["CONTRADICTED", "INCONCLUSIVE", "SUPPORTED", "build_report", "load_grid", "load_problems"]
+
+# metrics shown in the per-method table: (name, favourable direction; 0 = descriptive only)
 KEY_METRICS: tuple[tuple[str, int], ...] = (
     ("eval/greedy_pass@1", +1),
     ("eval/mean@k", +1),
     ("eval/pass@k", +1),
     ("train/reward_first10", 0),
     ("train/reward_last10", +1),
-    ("stability/reward_std", -1),
-    ("stability/reward_diff_std", -1),
+    ("stability/reward_noise_norm", -1),
+    ("stability/collapse_count", -1),
+    ("stability/time_to_collapse", 0),
     ("stability/max_drawdown", -1),
+    ("stability/reward_diff_std", -1),
+    ("stability/reward_std", 0),
     ("stability/grad_spikes", -1),
     ("stability/grad_norm_p99", -1),
     ("stability/loss_var", -1),
@@ -110,8 +74,11 @@ KEY_METRICS: tuple[tuple[str, int], ...] = (
     ("coherence/nll", -1),
     ("trust_region/kept_frac", 0),
 )
+ARROW = {1: "↑", -1: "↓", 0: ""}
+MIN_PERMUTATION_SEEDS = 6  # smallest n whose exact sign-flip p can be < 0.05
 
-Summaries = dict[str, dict[Any, dict[str, float]]]  # method -> seed -> flat metrics
+Summaries = dict[str, dict[Any, dict[str, float]]]
+Problems = dict[str, dict[Any, dict[Any, tuple[float, float]]]]
 
 # ----------------------------------------------------------------------------------------------
 # loading
@@ -150,111 +117,61 @@ def load_grid(grid_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, di
     return grid, runs
 
 
-# ----------------------------------------------------------------------------------------------
-# statistics over seeds
-
-
-def _per_seed(summaries: Summaries, method: str, metric: str) -> dict[Any, float]:
+def load_problems(run_dir: str | os.PathLike) -> dict[Any, tuple[float, float]]:
+    """{problem id: (greedy correct 0/1, mean of the samples' correctness)} from
+    RUN_DIR/eval/problems.jsonl ({} if absent)."""
+    p = Path(run_dir) / "eval" / "problems.jsonl"
+    if not p.exists():
+        return {}
     out = {}
-    for seed, s in summaries.get(method, {}).items():
-        v = s.get(metric)
-        if v is not None and math.isfinite(v):
-            out[seed] = v
+    for row in read_jsonl(p):
+        if "id" not in row or "greedy_correct" not in row:
+            continue
+        samples = [float(bool(x)) for x in row.get("samples_correct") or []]
+        out[row["id"]] = (float(bool(row["greedy_correct"])), float(np.mean(samples)) if samples else math.nan)
     return out
 
 
-def _seed_mean(summaries: Summaries, method: str, metric: str) -> float:
-    v = list(_per_seed(summaries, method, metric).values())
-    return float(np.mean(v)) if v else math.nan
+@dataclass
+class GridData:
+    """Everything the section builders share."""
+
+    path: Path
+    grid: dict[str, Any]
+    runs: dict[str, dict[Any, Path]]
+    records: dict[str, dict[Any, list[dict[str, Any]]]]
+    summaries: Summaries
+    problems: Problems
+    baseline: str
+    alpha: float
+    plan: Plan
+    verdicts: list[HypothesisResult]
+    secondary: list[SecondaryRow]
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.runs)
+
+    @property
+    def metric_keys(self) -> list[str]:
+        return sorted({k for seeds in self.summaries.values() for s in seeds.values() for k in s})
 
 
-def method_ci(
-    summaries: Summaries, method: str, metric: str, n_boot: int = 10000, alpha: float = 0.05
-) -> dict[str, float]:
-    """Mean over seeds of one metric with its percentile bootstrap CI."""
-    vals = list(_per_seed(summaries, method, metric).values())
-    mean, lo, hi = bootstrap_ci(vals, n_boot=n_boot, alpha=alpha)
-    return {"mean": mean, "lo": lo, "hi": hi, "n": float(len(vals))}
-
-
-def paired_comparison(
-    summaries: Summaries,
-    method: str,
-    baseline: str,
-    metric: str,
-    direction: int = 0,
-    n_boot: int = 10000,
-    alpha: float = 0.05,
-) -> dict[str, Any]:
-    """Paired (by seed) difference method - baseline with CI, wins, and the metric's verdict:
-    'favourable' / 'unfavourable' (CI excludes 0) / 'neutral' / 'no data' (< MIN_PAIRS pairs:
-    with two seeds a percentile bootstrap CI is just the range of two numbers)."""
-    a, b = _per_seed(summaries, method, metric), _per_seed(summaries, baseline, metric)
-    seeds = [s for s in a if s in b]
-    x = np.array([a[s] for s in seeds], dtype=np.float64)
-    y = np.array([b[s] for s in seeds], dtype=np.float64)
-    diff, lo, hi = paired_diff_ci(x, y, n_boot=n_boot, alpha=alpha)
-    wins = int(np.sum(direction * (x - y) > 0)) if direction else 0
-    if len(seeds) < MIN_PAIRS:
-        verdict = "no data"
-    elif lo > 0 or hi < 0:
-        sign = 1 if lo > 0 else -1
-        verdict = (
-            "neutral" if direction == 0 else ("favourable" if sign == direction else "unfavourable")
-        )
-    else:
-        verdict = "neutral"
-    return {"diff": diff, "lo": lo, "hi": hi, "n": len(seeds), "wins": wins, "verdict": verdict}
-
-
-def judge(
-    h: Hypothesis,
-    summaries: Summaries,
-    method: str,
-    baseline: str,
-    n_boot: int = 10000,
-    alpha: float = 0.05,
-) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
-    """Verdict of one method on one hypothesis (see the module docstring) and its evidence."""
-    ev = [
-        (m, paired_comparison(summaries, method, baseline, m, d, n_boot, alpha))
-        for m, d in h.metrics
-    ]
-    guard = [
-        (m, paired_comparison(summaries, method, baseline, m, d, n_boot, alpha)) for m, d in h.guard
-    ]
-    fav = sum(e["verdict"] == "favourable" for _, e in ev)
-    unfav = sum(e["verdict"] == "unfavourable" for _, e in ev)
-    guard_fail = any(e["verdict"] == "unfavourable" for _, e in guard)
-    if guard_fail or (unfav and not fav):
-        label = CONTRADICTED
-    elif fav and not unfav:
-        label = SUPPORTED
-    else:
-        label = INCONCLUSIVE
-    return label, ev + [(f"{m} (guard)", e) for m, e in guard]
-
-
-def evaluate_hypotheses(
-    summaries: Summaries,
-    av_methods: Sequence[str],
-    baseline: str,
-    n_boot: int = 10000,
-    alpha: float = 0.05,
-) -> list[dict[str, Any]]:
-    """For each hypothesis: overall label and per-AV-method (label, evidence)."""
-    out = []
-    for h in HYPOTHESES:
-        per = {m: judge(h, summaries, m, baseline, n_boot, alpha) for m in av_methods}
-        labels = [lab for lab, _ in per.values()]
-        if SUPPORTED in labels and CONTRADICTED not in labels:
-            overall = SUPPORTED
-        elif CONTRADICTED in labels and SUPPORTED not in labels:
-            overall = CONTRADICTED
-        else:
-            overall = INCONCLUSIVE
-        out.append({"hypothesis": h, "label": overall, "per_method": per})
-    return out
+def analyse(grid_dir: str | os.PathLike, baseline: str, alpha: float) -> GridData:
+    """Load every run of the grid and run the primary and secondary tests."""
+    g = Path(grid_dir)
+    grid, runs = load_grid(g)
+    if baseline not in runs:
+        raise ValueError(f"baseline {baseline!r} has no runs under {g / 'runs'}; have {sorted(runs)}")
+    records = {m: {s: load_metrics(p) for s, p in seeds.items()} for m, seeds in runs.items()}
+    summaries = {m: {s: summarize_run(p) for s, p in seeds.items()} for m, seeds in runs.items()}
+    problems = {m: {s: load_problems(p) for s, p in seeds.items()} for m, seeds in runs.items()}
+    problems = {m: {s: v for s, v in seeds.items() if v} for m, seeds in problems.items()}
+    plan = resolve_plan(grid, list(runs), baseline)
+    verdicts = evaluate_hypotheses(summaries, problems, plan, alpha)
+    primary = {(m, b, h.primary[0]) for h in HYPOTHESES for k, (m, b) in plan.comparisons.items() if k == h.key}
+    secondary = secondary_tests(summaries, problems, list(runs), baseline, primary, alpha=alpha)
+    return GridData(g, grid, runs, records, summaries, problems, baseline, alpha, plan, verdicts, secondary)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,55 +180,20 @@ def evaluate_hypotheses(
 
 def _fmt(x: float | None) -> str:
     if x is None or not math.isfinite(x):
-        return "n/a"
+        return "n/a" if x is None or math.isnan(x) else ("∞" if x > 0 else "-∞")
     if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
         return f"{x:.3g}"
     return f"{x:.4g}"
 
 
+def _fmt_p(p: float) -> str:
+    if not math.isfinite(p):
+        return "n/a"
+    return f"{p:.2g}" if p < 0.01 else f"{p:.3f}"
+
+
 def _short(metric: str) -> str:
     return metric.split("/", 1)[-1]
-
-
-def _verdict_paragraph(
-    results: list[dict[str, Any]],
-    av_methods: Sequence[str],
-    baseline: str,
-    n_seeds: int,
-    alpha: float,
-) -> str:
-    level = f"{100 * (1 - alpha):g}%"
-    if not av_methods:
-        return (
-            f'**Verdicts**: no method in grid.json has `"family": "{AV_FAMILY}"`, so nothing is '
-            "compared with the baseline: "
-            + "; ".join(
-                f"**{r['hypothesis'].key} {r['hypothesis'].name}: {INCONCLUSIVE}**" for r in results
-            )
-            + "."
-        )
-    parts = []
-    for r in results:
-        h = r["hypothesis"]
-        per = []
-        for m, (label, ev) in r["per_method"].items():
-            shown = [
-                f"{_short(name)} {_fmt(e['diff'])} [{_fmt(e['lo'])}, {_fmt(e['hi'])}]"
-                + (f" {e['verdict']}" if e["verdict"] in ("favourable", "unfavourable") else "")
-                for name, e in ev
-                if e["n"] > 0
-            ]
-            detail = "; ".join(shown) if shown else "no paired data"
-            per.append(f"`{m}` {label.lower()} ({detail})")
-        parts.append(f"**{h.key} {h.name}: {r['label']}** — " + ", ".join(per) + ".")
-    head = (
-        f"**Verdicts** (AV-DPPO methods {', '.join(f'`{m}`' for m in av_methods)} vs baseline "
-        f"`{baseline}`; paired differences method − baseline over {n_seeds} seed(s), {level} "
-        "percentile-bootstrap CIs; a hypothesis is SUPPORTED when a CI excludes 0 in the "
-        "favourable direction and none in the unfavourable one, CONTRADICTED in the mirror case, "
-        f"INCONCLUSIVE otherwise, and always INCONCLUSIVE with fewer than {MIN_PAIRS} paired seeds): "
-    )
-    return head + " ".join(parts)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -320,94 +202,208 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _interval(r: PairedResult) -> str:
+    return f"{_fmt(r.diff)} [{_fmt(r.lo)}, {_fmt(r.hi)}]"
+
+
+def _seeds_text(n: int | None) -> str:
+    return str(n) if n is not None else "> 1000 or n/a"
+
+
+def _level(alpha: float) -> str:
+    return f"{100 * (1 - alpha):g}%"
+
+
 # ----------------------------------------------------------------------------------------------
-# plots (object-oriented matplotlib, no pyplot: never touches the global backend)
+# sections
 
 
-def _aligned(
-    records: dict[Any, list[dict[str, Any]]], key: str
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Steps and a [seeds, steps] matrix (NaN where a seed did not log the step)."""
-    curves = [curve(r, key) for r in records.values()]
-    curves = [c for c in curves if c[0].size]
-    if not curves:
-        return None
-    steps = np.unique(np.concatenate([c[0] for c in curves]))
-    mat = np.full((len(curves), steps.size), np.nan)
-    for i, (s, v) in enumerate(curves):
-        mat[i, np.searchsorted(steps, s)] = v
-    return steps, mat
-
-
-def _plot_curves(
-    records: dict[str, dict[Any, list[dict[str, Any]]]],
-    keys: Sequence[str],
-    ylabel: str,
-    path: Path,
-) -> Path | None:
-    """One panel per key; per method the mean over seeds with a min-max band."""
-    data = {k: {m: _aligned(r, k) for m, r in records.items()} for k in keys}
-    keys = [k for k in keys if any(v is not None for v in data[k].values())]
-    if not keys:
-        return None
-    fig = Figure(figsize=(6.5 * len(keys), 4.2))
-    axes = fig.subplots(1, len(keys), squeeze=False)[0]
-    for ax, k in zip(axes, keys, strict=True):
-        for m, al in data[k].items():
-            if al is None:
-                continue
-            steps, mat = al
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mean = np.nanmean(mat, 0)
-                lo, hi = np.nanmin(mat, 0), np.nanmax(mat, 0)
-            (line,) = ax.plot(steps, mean, label=f"{m} (n={mat.shape[0]})")
-            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(k)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def _plot_bars(
-    groups: Sequence[str],
-    series: dict[str, list[tuple[float, float, float]]],
-    ylabel: str,
-    title: str,
-    path: Path,
-) -> Path | None:
-    """Grouped bars: x = groups, one bar per series; values are (center, lo, hi)."""
-    if not groups or not series:
-        return None
-    fig = Figure(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(series)) ** 0.5 + 3), 4.2))
-    ax = fig.subplots()
-    width = 0.8 / len(series)
-    x = np.arange(len(groups))
-    for j, (name, vals) in enumerate(series.items()):
-        c = np.array([v[0] for v in vals], dtype=np.float64)
-        lo = np.array([v[1] for v in vals], dtype=np.float64)
-        hi = np.array([v[2] for v in vals], dtype=np.float64)
-        err = np.nan_to_num(np.vstack([c - lo, hi - c]), nan=0.0).clip(min=0)
-        ax.bar(
-            x + (j - (len(series) - 1) / 2) * width,
-            np.nan_to_num(c),
-            width,
-            yerr=err,
-            capsize=3,
-            label=name,
+def _verdict_sentence(v: HypothesisResult) -> str:
+    h = v.hypothesis
+    head = f"**{h.key} {h.name}: {v.label}**"
+    if v.result is None:
+        return f"{head} — {'; '.join(v.notes) or 'no paired data'}."
+    r = v.result
+    text = (
+        f"{head} — `{v.method}` vs `{v.baseline}`, {_short(h.primary[0])} {ARROW[h.primary[1]]} "
+        f"{_interval(r)}, p = {_fmt_p(r.p)} (Holm {_fmt_p(v.p_holm)}, n = {r.n})"
+    )
+    if v.label == INCONCLUSIVE and r.n >= 2 and r.sd == 0:
+        text += "; the differences have no spread across seeds, so the exact sign-flip p decides"
+    elif v.label == INCONCLUSIVE and r.n >= 2:
+        text += (
+            f"; detectable at n = {r.n} with 80% power (level {v.level:.3g}): |difference| ≥ "
+            f"{_fmt(v.mde)}; seeds for 80% power at the observed difference: {_seeds_text(v.seeds_needed)}"
         )
-    ax.set_xticks(x, list(groups))
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    if v.notes:
+        text += "; " + "; ".join(v.notes)
+    return text + "."
+
+
+def paired_seed_count(d: GridData) -> int:
+    """Seeds that every primary comparison's method and baseline share (0 without a plan)."""
+    counts = [len(set(d.runs.get(m, {})) & set(d.runs.get(b, {}))) for m, b in d.plan.comparisons.values()]
+    return min(counts) if counts else 0
+
+
+def section_verdicts(d: GridData) -> list[str]:
+    """Title, headline verdicts and the statistical caveats a reader needs to weigh them."""
+    alpha = d.alpha
+    head = (
+        f"**Verdicts** (one primary comparison per hypothesis, {d.plan.note}; two-sided paired "
+        f"tests at alpha = {alpha:g}, Holm-corrected across the {len(HYPOTHESES)} hypotheses; "
+        f"{_level(alpha)} t-intervals; secondary comparisons never change a headline): "
+    )
+    paragraph = head + " ".join(_verdict_sentence(v) for v in d.verdicts)
+    n = paired_seed_count(d)
+    n_runs = sum(len(v) for v in d.runs.values())
+    stats_note = (
+        f"Sample size: {n_runs} run(s); {n} paired seed(s) in the primary comparisons. The exact "
+        f"sign-flip permutation test cannot give p below 2/2^n = {_fmt_p(min_signflip_p(n))} at "
+        f"n = {n}"
+        + (
+            f", and with fewer than {MIN_PERMUTATION_SEEDS} paired seeds it cannot reach p < 0.05"
+            if n < MIN_PERMUTATION_SEEDS
+            else ""
+        )
+        + "; the paired t-test is therefore the deciding test (the sign-flip p is shown as a "
+        "distribution-free check). Accuracy is analysed from per-problem outcomes "
+        "(eval/problems.jsonl) paired by seed and problem and tested at the seed level "
+        "(n − 1 degrees of freedom), because training randomness shifts whole runs. INCONCLUSIVE "
+        "means the data cannot tell, not that there is no effect: compare the observed "
+        "difference with the detectable one."
+    )
+    not_done = [
+        f"{m}/seed_{s}" for m, seeds in d.summaries.items() for s, x in seeds.items() if x.get("train/done", 0.0) < 1.0
+    ]
+    out = [f"# Grid report: {d.path.resolve().name}", paragraph, stats_note]
+    if not_done:
+        out.append(f"Runs without a DONE marker (incomplete): {', '.join(not_done)}.")
+    findings = secondary_findings(d.secondary, alpha)
+    out.append(
+        "Secondary comparisons significant after Holm correction: "
+        + (
+            "; ".join(f"`{r.method}` {_short(r.metric)} {_interval(r.result)} (Holm p {_fmt_p(r.p_holm)})" for r in findings)
+            if findings
+            else "none"
+        )
+        + "."
+    )
+    return out
+
+
+def section_primary(d: GridData) -> list[str]:
+    rows = []
+    for v in d.verdicts:
+        h, r = v.hypothesis, v.result
+        if r is None:
+            rows.append([h.key, "n/a", f"{h.primary[0]} {ARROW[h.primary[1]]}", *["n/a"] * 9, v.label])
+            continue
+        rows.append(
+            [
+                h.key,
+                f"`{v.method}` − `{v.baseline}`",
+                f"{h.primary[0]} {ARROW[h.primary[1]]}",
+                str(r.n),
+                _interval(r),
+                _fmt(r.g_z),
+                _fmt_p(r.p),
+                _fmt_p(v.p_holm),
+                f"{_fmt_p(r.p_signflip)} (≥ {_fmt_p(r.p_floor)})",
+                _fmt(v.mde),
+                _seeds_text(v.seeds_needed),
+                r.test,
+                v.label,
+            ]
+        )
+    header = ["hyp.", "comparison", "primary metric", "n", f"diff [{_level(d.alpha)} CI]", "g_z", "p",
+              "Holm p", "sign-flip p (floor)", "MDE (80%)", "seeds for 80%", "test", "verdict"]
+    claims = "\n".join(f"- {h.key} {h.name}: {h.claim}." for h in HYPOTHESES)
+    note = ("MDE and seeds for 80% power are computed at level alpha / (number of hypotheses "
+            "tested), the level a lone effect must reach after the Holm correction; the sign-flip "
+            "floor is 2/2^n.")
+    return ["## Primary tests", claims, note, _table(header, rows)]
+
+
+def section_secondary(d: GridData) -> list[str]:
+    if not d.secondary:
+        return []
+    rows = []
+    for s in d.secondary:
+        r = s.result
+        cell = _interval(r)
+        if math.isfinite(s.p_holm) and s.p_holm < d.alpha:
+            cell = f"**{cell}**"
+        boot = ""
+        if "boot_lo" in r.extra:
+            boot = f"[{_fmt(r.extra['boot_lo'])}, {_fmt(r.extra['boot_hi'])}]"
+        rows.append([f"`{s.method}`", f"{s.metric} {ARROW[s.direction]}", str(r.n), cell, boot,
+                     _fmt(r.g_z), _fmt_p(r.p), _fmt_p(s.p_holm), _fmt_p(r.p_signflip)])
+    return [
+        f"## Secondary comparisons vs `{d.baseline}` (method − baseline, paired by seed)",
+        f"Holm-corrected across all {len(d.secondary)} rows; bold: Holm p < {d.alpha:g}. Accuracy rows "
+        "use per-problem outcomes; their last interval is the two-stage cluster bootstrap (seeds, "
+        "then problems), which also covers the choice of problems and errs wide. g_z: Hedges-"
+        "corrected standardised paired difference.",
+        _table(["method", "metric", "n", f"diff [{_level(d.alpha)} t-CI]", "cluster-bootstrap CI",
+                "g_z", "p", "Holm p", "sign-flip p"], rows),
+    ]
+
+
+def section_setup(d: GridData) -> list[str]:
+    meta = d.grid.get("methods", {})
+    rows = []
+    for m in d.methods:
+        info = dict(meta.get(m, {}))
+        desc, fam, loss = (str(info.pop(k, "")) for k in ("description", "family", "loss"))
+        params = ", ".join(f"{k}={v}" for k, v in info.items())
+        rows.append([f"`{m}`", fam, loss, params, desc, str(len(d.runs[m]))])
+    return [
+        "## Setup",
+        f"Baseline of the secondary table: `{d.baseline}`. Primary comparisons: {d.plan.note}. "
+        f"Grid directory: `{d.path}`.",
+        "Command:\n\n```\n" + str(d.grid.get("command", "(not recorded)")) + "\n```",
+        _table(["method", "family", "loss", "params", "description", "runs"], rows),
+        f"Seeds in grid.json: {d.grid.get('seeds', 'n/a')}.",
+        "Config:\n\n```json\n" + json.dumps(d.grid.get("config", {}), indent=2, sort_keys=True) + "\n```",
+    ]
+
+
+def section_runs(d: GridData) -> list[str]:
+    rows = [
+        [f"`{m}`", str(s), _fmt(x.get("train/steps")), "yes" if x.get("train/done") else "no",
+         _fmt(x.get("train/reward_last10")), _fmt(x.get("stability/reward_noise_norm")),
+         _fmt(x.get("stability/collapse_count")), _fmt(x.get("eval/greedy_pass@1"))]
+        for m, seeds in d.summaries.items()
+        for s, x in seeds.items()
+    ]
+    header = ["method", "seed", "steps", "done", "reward (last 10)", "reward noise (norm.)", "collapses",
+              "greedy pass@1"]
+    return ["## Runs", _table(header, rows)]
+
+
+def _per_seed(d: GridData, method: str, metric: str) -> list[float]:
+    vals = (s.get(metric) for s in d.summaries.get(method, {}).values())
+    return [v for v in vals if v is not None and math.isfinite(v)]
+
+
+def section_summary(d: GridData) -> list[str]:
+    keys = set(d.metric_keys)
+    rows = []
+    for k, direction in KEY_METRICS:
+        if k not in keys:
+            continue
+        cells = []
+        for m in d.methods:
+            mean, lo, hi = mean_interval(_per_seed(d, m, k), d.alpha)
+            cells.append(f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}]" if math.isfinite(mean) else "n/a")
+        rows.append([f"{k} {ARROW[direction]}", *cells])
+    return [
+        f"## Per-method summary: mean over seeds [{_level(d.alpha)} t-interval]",
+        "↑ / ↓: the favourable direction. Intervals describe each method alone; compare methods "
+        "with the paired tests above.",
+        _table(["metric", *[f"`{m}`" for m in d.methods]], rows),
+    ]
 
 
 def _bucket_ids(keys: Sequence[str], pattern: str) -> list[int]:
@@ -415,270 +411,142 @@ def _bucket_ids(keys: Sequence[str], pattern: str) -> list[int]:
     return sorted({int(m[1]) for k in keys if (m := rx.fullmatch(k))})
 
 
-# ----------------------------------------------------------------------------------------------
-# the report
+def section_buckets(d: GridData) -> list[str]:
+    keys = d.metric_keys
+    blocks = []
+    for name, suffix in (("kept_frac", ""), ("kept_frac", "/pos"), ("kept_frac", "/neg"),
+                         ("delta_mean", ""), ("abs_diff_mean", "")):
+        ids = _bucket_ids(keys, rf"trust_region/{name}/bucket_(\d+){suffix}")
+        if not ids:
+            continue
+        key = f"trust_region/{name}/bucket_{{i}}{suffix}"
+        rows = [
+            [f"`{m}`", *[_fmt(float(np.mean(v)) if (v := _per_seed(d, m, key.format(i=i))) else math.nan) for i in ids]]
+            for m in d.methods
+        ]
+        blocks.append(f"`{key.format(i='<i>')}`\n\n" + _table(["method", *[f"bucket {i}" for i in ids]], rows))
+    if not blocks:
+        return []
+    return ["## Trust region per frequency bucket (mean over steps, then seeds)",
+            "Bucket 0 holds the most frequent tokens; higher ids are rarer.", *blocks]
+
+
+def _forest_panels(d: GridData) -> dict[str, list[tuple[str, float, float, float, bool]]]:
+    primary = {(v.method, v.hypothesis.primary[0]): v.result for v in d.verdicts if v.result is not None}
+    panels: dict[str, list[tuple[str, float, float, float, bool]]] = {}
+    for h in HYPOTHESES:
+        k = h.primary[0]
+        items = []
+        for (m, metric), r in primary.items():
+            if metric == k:
+                items.append((f"{m} (primary)", r.diff, r.lo, r.hi, True))
+        for s in d.secondary:
+            if s.metric == k:
+                items.append((s.method, s.result.diff, s.result.lo, s.result.hi, False))
+        panels[f"{h.key}: {_short(k)}"] = items
+    return panels
+
+
+def section_plots(d: GridData) -> list[str]:
+    pdir = d.path / "plots"
+    pdir.mkdir(exist_ok=True)
+    level = _level(d.alpha)
+    out: list[tuple[str, Path | None]] = [
+        (f"Primary metrics: method − `{d.baseline}` (primary comparison filled) with {level} intervals",
+         plots.plot_forest(_forest_panels(d), "difference vs baseline", pdir / "forest.png")),
+        ("Reward per step (mean over seeds, band = min..max)",
+         plots.plot_curves(d.records, ["reward/mean"], "mean reward", pdir / "reward.png")),
+        ("Policy entropy per step",
+         plots.plot_curves(d.records, ["actor/entropy"], "entropy (nats)", pdir / "entropy.png")),
+    ]
+    rare_keys = sorted({k for rs in d.records.values() for r in rs.values() for rec in r for k in rec
+                        if re.fullmatch(r"rare/share/bucket_\d+", k)}, key=lambda k: int(k.rsplit("_", 1)[1]))
+    out.append(("Share of generated tokens in the rarest frequency buckets",
+                plots.plot_curves(d.records, rare_keys[-2:], "share of tokens", pdir / "rare_share.png")))
+    kept = _bucket_ids(d.metric_keys, r"trust_region/kept_frac/bucket_(\d+)")
+    if kept:
+        series = {m: [_mean_range(_per_seed(d, m, f"trust_region/kept_frac/bucket_{i}")) for i in kept]
+                  for m in d.methods}
+        out.append(("Kept fraction per frequency bucket (bars: mean over seeds, whiskers: min..max)",
+                    plots.plot_bars([f"b{i}" for i in kept], series, "kept fraction",
+                                    "trust_region/kept_frac per bucket", pdir / "kept_frac_buckets.png")))
+    acc = [k for k in ("eval/greedy_pass@1", "eval/mean@k", "eval/pass@k") if k in d.metric_keys]
+    if acc:
+        series = {m: [mean_interval(_per_seed(d, m, k), d.alpha) for k in acc] for m in d.methods}
+        out.append((f"Eval accuracy (mean over seeds, {level} t-interval)",
+                    plots.plot_bars([_short(k) for k in acc], series, "accuracy", "eval accuracy",
+                                    pdir / "accuracy.png")))
+    return ["## Plots"] + [f"{c}\n\n![{c}](plots/{p.name})" for c, p in out if p is not None]
+
+
+def _mean_range(v: list[float]) -> tuple[float, float, float]:
+    return (float(np.mean(v)), float(np.min(v)), float(np.max(v))) if v else (math.nan,) * 3
+
+
+DEFINITIONS = """## Metric definitions
+
+- `stability/reward_noise_norm` (H1 primary): the std of the step-to-step changes of the mean
+  reward, each divided by its Bernoulli sampling std sqrt(2 p(1 - p) / m) (p: mean of the two
+  steps' rewards, clipped to [0.5/m, 1 - 0.5/m]; m = prompts_per_step x group_size from the run's
+  config.json). About 1 for pure sampling noise; unlike the raw noise it does not grow just
+  because the reward sits nearer 0.5.
+- `stability/collapse_count`: runs of at least 3 consecutive steps whose reward is below 0.5 x
+  its running maximum, once that maximum is at least 0.2; `time_to_collapse`: the step where the
+  first one starts, or the last step when none happened (censored; `collapsed` says which).
+- `stability/max_drawdown`: largest drop of the per-step mean reward below its running maximum;
+  `reward_std`: std of the per-step mean reward (includes the learning trend);
+  `reward_diff_std`: std of its step-to-step changes (not normalised).
+- `stability/grad_spikes`: steps whose gradient norm exceeds 3x the median of the previous 20
+  steps (at least 5 of them), plus non-finite norms; `grad_norm_p99`: 99th percentile of the
+  norms; `loss_var`: sample variance of the per-step loss.
+- `eval/*`: greedy pass@1, mean@k and unbiased pass@k on the test split; greedy pass@1 and
+  mean@k are compared per problem (eval/problems.jsonl). `rare/*` and `coherence/nll` (per-token
+  NLL of the generations under the initial model) come from the same evaluation.
+- `trust_region/*`: means over steps of the per-step trust-region diagnostics.
+- Tests: see docs/statistics.md (paired t-test and t-interval, exact sign-flip p, cluster-level
+  accuracy test, Holm corrections, MDE at 80% power from the noncentral t)."""
+
+
+def write_summary_csv(d: GridData) -> Path:
+    """One row per run (kind=run), then per method its mean and t-interval (mean, ci_lo, ci_hi)."""
+    keys = d.metric_keys
+    path = d.path / "summary.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["kind", "method", "seed", *keys])
+        for m, seeds in d.summaries.items():
+            for s, x in seeds.items():
+                w.writerow(["run", m, s, *[repr(x[k]) if k in x else "" for k in keys]])
+        for m in d.methods:
+            cis = [mean_interval(_per_seed(d, m, k), d.alpha) for k in keys]
+            for i, kind in enumerate(("mean", "ci_lo", "ci_hi")):
+                w.writerow([kind, m, "", *["" if math.isnan(c[i]) else repr(c[i]) for c in cis]])
+    return path
 
 
 def build_report(
     grid_dir: str | os.PathLike,
     *,
     baseline: str = "dppo-tv",
-    n_boot: int = 10000,
     alpha: float = 0.05,
+    n_boot: int | None = None,
 ) -> Path:
-    """Write GRID_DIR/report.md, summary.csv and plots/*.png; return the report path."""
-    g = Path(grid_dir)
-    grid, runs = load_grid(g)
-    if baseline not in runs:
-        raise ValueError(
-            f"baseline {baseline!r} has no runs under {g / 'runs'}; have {sorted(runs)}"
-        )
-    meta = grid.get("methods", {})
-    methods = list(runs)
-    av_methods = [
-        m for m in methods if m != baseline and meta.get(m, {}).get("family") == AV_FAMILY
+    """Write GRID_DIR/report.md, summary.csv and plots/*.png; return the report path.
+
+    `n_boot` is accepted for backward compatibility and ignored (no decision uses a bootstrap)."""
+    d = analyse(grid_dir, baseline, alpha)
+    write_summary_csv(d)
+    sections = [
+        *section_verdicts(d),
+        *section_primary(d),
+        *section_secondary(d),
+        *section_setup(d),
+        *section_runs(d),
+        *section_summary(d),
+        *section_buckets(d),
+        *section_plots(d),
+        DEFINITIONS,
     ]
-    records = {m: {s: load_metrics(p) for s, p in seeds.items()} for m, seeds in runs.items()}
-    summaries: Summaries = {
-        m: {s: summarize_run(p) for s, p in seeds.items()} for m, seeds in runs.items()
-    }
-    n_seeds = max(len(v) for v in runs.values())
-    level = f"{100 * (1 - alpha):g}%"
-
-    # --- csv
-    all_keys = sorted({k for seeds in summaries.values() for s in seeds.values() for k in s})
-    with open(g / "summary.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["kind", "method", "seed", *all_keys])
-        for m, seeds in summaries.items():
-            for s, d in seeds.items():
-                w.writerow(["run", m, s, *[repr(d[k]) if k in d else "" for k in all_keys]])
-        for m in methods:
-            cis = {k: method_ci(summaries, m, k, n_boot, alpha) for k in all_keys}
-            for kind in ("mean", "lo", "hi"):
-                row = ["" if math.isnan(cis[k][kind]) else repr(cis[k][kind]) for k in all_keys]
-                w.writerow([{"lo": "ci_lo", "hi": "ci_hi"}.get(kind, kind), m, "", *row])
-
-    # --- verdicts
-    results = evaluate_hypotheses(summaries, av_methods, baseline, n_boot, alpha)
-    title = f"# Grid report: {g.resolve().name}"
-    verdict = _verdict_paragraph(results, av_methods, baseline, n_seeds, alpha)
-    n_runs = sum(len(v) for v in runs.values())
-    not_done = [
-        f"{m}/seed_{s}"
-        for m, seeds in summaries.items()
-        for s, d in seeds.items()
-        if d.get("train/done", 0.0) < 1.0
-    ]
-    caveat = (
-        f"Sample size: {n_runs} run(s), {n_seeds} seed(s) per method at most. Percentile bootstrap "
-        "CIs over so few seeds are narrow and undercover (with 2 seeds the CI of a paired mean is "
-        f"just the range of the two differences, hence no verdict below {MIN_PAIRS} seeds), so these "
-        "verdicts are exploratory; the 'wins' "
-        "column shows in how many seeds the method beat the baseline. `stability/reward_std` "
-        "includes the learning trend (a method that improves faster has a larger value); "
-        "`stability/reward_diff_std` removes it."
-        + (f" Runs without a DONE marker (incomplete): {', '.join(not_done)}." if not_done else "")
-    )
-
-    sections = [title, verdict, caveat]
-
-    # --- setup
-    sections.append("## Setup")
-    sections.append(f"Baseline: `{baseline}`. Grid directory: `{g}`.")
-    sections.append("Command:\n\n```\n" + str(grid.get("command", "(not recorded)")) + "\n```")
-    rows = []
-    for m in methods:
-        info = dict(meta.get(m, {}))
-        desc = str(info.pop("description", ""))
-        fam = str(info.pop("family", ""))
-        loss = str(info.pop("loss", ""))
-        params = ", ".join(f"{k}={v}" for k, v in info.items())
-        rows.append([f"`{m}`", fam, loss, params, desc, str(len(runs[m]))])
-    sections.append(_table(["method", "family", "loss", "params", "description", "runs"], rows))
-    sections.append(f"Seeds in grid.json: {grid.get('seeds', 'n/a')}.")
-    sections.append(
-        "Config:\n\n```json\n"
-        + json.dumps(grid.get("config", {}), indent=2, sort_keys=True)
-        + "\n```"
-    )
-
-    # --- runs
-    rows = []
-    for m, seeds in summaries.items():
-        for s, d in seeds.items():
-            rows.append(
-                [
-                    f"`{m}`",
-                    str(s),
-                    _fmt(d.get("train/steps")),
-                    "yes" if d.get("train/done") else "no",
-                    _fmt(d.get("train/reward_last10")),
-                    _fmt(d.get("eval/greedy_pass@1")),
-                ]
-            )
-    sections.append("## Runs")
-    sections.append(
-        _table(["method", "seed", "steps", "done", "reward (last 10)", "greedy pass@1"], rows)
-    )
-
-    # --- per-method CIs
-    shown = [(k, d) for k, d in KEY_METRICS if k in all_keys]
-    arrow = {1: "↑", -1: "↓", 0: ""}
-    rows = []
-    for k, d in shown:
-        cells = []
-        for m in methods:
-            c = method_ci(summaries, m, k, n_boot, alpha)
-            cells.append(
-                f"{_fmt(c['mean'])} [{_fmt(c['lo'])}, {_fmt(c['hi'])}]" if c["n"] else "n/a"
-            )
-        rows.append([f"{k} {arrow[d]}", *cells])
-    sections.append(f"## Key metrics: mean over seeds [{level} bootstrap CI]")
-    sections.append("↑ / ↓: the favourable direction.")
-    sections.append(_table(["metric", *[f"`{m}`" for m in methods]], rows))
-
-    # --- paired differences
-    others = [m for m in methods if m != baseline]
-    if others:
-        rows = []
-        for k, d in shown:
-            cells = []
-            for m in others:
-                e = paired_comparison(summaries, m, baseline, k, d, n_boot, alpha)
-                if e["n"] == 0:
-                    cells.append("n/a")
-                    continue
-                cell = f"{_fmt(e['diff'])} [{_fmt(e['lo'])}, {_fmt(e['hi'])}]"
-                if e["n"] >= 2 and (e["lo"] > 0 or e["hi"] < 0):
-                    cell = f"**{cell}**"
-                if d:
-                    cell += f" wins {e['wins']}/{e['n']}"
-                cells.append(cell)
-            rows.append([f"{k} {arrow[d]}", *cells])
-        sections.append(f"## Paired difference vs `{baseline}` (method − baseline, by seed)")
-        sections.append(f"Bold: the {level} CI excludes 0.")
-        sections.append(_table(["metric", *[f"`{m}`" for m in others]], rows))
-
-    # --- per-bucket trust-region diagnostics
-    kept_buckets = _bucket_ids(all_keys, r"trust_region/kept_frac/bucket_(\d+)")
-    bucket_sections = []
-    for suffix_name, suffix in (
-        ("kept_frac", ""),
-        ("kept_frac", "/pos"),
-        ("kept_frac", "/neg"),
-        ("delta_mean", ""),
-        ("abs_diff_mean", ""),
-    ):
-        ids = _bucket_ids(all_keys, rf"trust_region/{suffix_name}/bucket_(\d+){suffix}")
-        if not ids:
-            continue
-        key = f"trust_region/{suffix_name}/bucket_{{i}}{suffix}"
-        rows = [
-            [f"`{m}`", *[_fmt(_seed_mean(summaries, m, key.format(i=i))) for i in ids]]
-            for m in methods
-        ]
-        bucket_sections.append(
-            f"`{key.format(i='<i>')}`\n\n" + _table(["method", *[f"bucket {i}" for i in ids]], rows)
-        )
-    if bucket_sections:
-        sections.append("## Trust region per frequency bucket (mean over steps, then seeds)")
-        sections.append("Bucket 0 holds the most frequent tokens; higher ids are rarer.")
-        sections.extend(bucket_sections)
-
-    # --- plots
-    pdir = g / "plots"
-    pdir.mkdir(exist_ok=True)
-    plots: list[tuple[str, Path | None]] = []
-    plots.append(
-        (
-            "Reward per step (mean over seeds, band = min..max)",
-            _plot_curves(records, ["reward/mean"], "mean reward", pdir / "reward.png"),
-        )
-    )
-    plots.append(
-        (
-            "Policy entropy per step",
-            _plot_curves(records, ["actor/entropy"], "entropy (nats)", pdir / "entropy.png"),
-        )
-    )
-    rare_keys = sorted(
-        {
-            k
-            for rs in records.values()
-            for r in rs.values()
-            for rec in r
-            for k in rec
-            if re.fullmatch(r"rare/share/bucket_\d+", k)
-        },
-        key=lambda k: int(k.rsplit("_", 1)[1]),
-    )
-    plots.append(
-        (
-            "Share of generated tokens in the rarest frequency buckets",
-            _plot_curves(records, rare_keys[-2:], "share of tokens", pdir / "rare_share.png"),
-        )
-    )
-    if kept_buckets:
-        series = {}
-        for m in methods:
-            vals = []
-            for i in kept_buckets:
-                v = list(_per_seed(summaries, m, f"trust_region/kept_frac/bucket_{i}").values())
-                vals.append(
-                    (float(np.mean(v)), float(np.min(v)), float(np.max(v)))
-                    if v
-                    else (math.nan, math.nan, math.nan)
-                )
-            series[m] = vals
-        plots.append(
-            (
-                "Kept fraction per frequency bucket (bars: mean over seeds, whiskers: min..max)",
-                _plot_bars(
-                    [f"b{i}" for i in kept_buckets],
-                    series,
-                    "kept fraction",
-                    "trust_region/kept_frac per bucket",
-                    pdir / "kept_frac_buckets.png",
-                ),
-            )
-        )
-    acc = [k for k in ("eval/greedy_pass@1", "eval/mean@k", "eval/pass@k") if k in all_keys]
-    if acc:
-        series = {}
-        for m in methods:
-            cis = [method_ci(summaries, m, k, n_boot, alpha) for k in acc]
-            series[m] = [(c["mean"], c["lo"], c["hi"]) for c in cis]
-        plots.append(
-            (
-                f"Eval accuracy (mean over seeds, {level} bootstrap CI)",
-                _plot_bars(
-                    [_short(k) for k in acc],
-                    series,
-                    "accuracy",
-                    "eval accuracy",
-                    pdir / "accuracy.png",
-                ),
-            )
-        )
-    sections.append("## Plots")
-    for caption, p in plots:
-        if p is not None:
-            sections.append(f"{caption}\n\n![{caption}](plots/{p.name})")
-
-    sections.append(
-        "## Metric definitions\n\n"
-        "- `stability/reward_std`: sample std of the per-step mean reward; `reward_diff_std`: std "
-        "of its step-to-step changes; `max_drawdown`: largest drop of the per-step mean reward "
-        "below its running maximum.\n"
-        "- `stability/grad_spikes`: steps whose gradient norm exceeds 3x the median of the "
-        "previous 20 steps (at least 5 of them), plus non-finite norms; `grad_norm_p99`: 99th "
-        "percentile of the norms; `loss_var`: sample variance of the per-step loss.\n"
-        "- `eval/*`: greedy pass@1, mean@k and unbiased pass@k on the test split "
-        "(eval/results.json); `rare/*` and `coherence/nll` (per-token NLL of the generations under "
-        "the initial model) come from the same evaluation.\n"
-        "- `trust_region/*`: means over steps of the per-step trust-region diagnostics."
-    )
-    path = g / "report.md"
+    path = d.path / "report.md"
     path.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     return path

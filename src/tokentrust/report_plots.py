@@ -1,0 +1,130 @@
+"""Report plots (object-oriented matplotlib, no pyplot: never touches the global backend)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from tokentrust.metrics import curve
+
+
+def _aligned(
+    records: dict[Any, list[dict[str, Any]]], key: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Steps and a [seeds, steps] matrix (NaN where a seed did not log the step)."""
+    curves = [curve(r, key) for r in records.values()]
+    curves = [c for c in curves if c[0].size]
+    if not curves:
+        return None
+    steps = np.unique(np.concatenate([c[0] for c in curves]))
+    mat = np.full((len(curves), steps.size), np.nan)
+    for i, (s, v) in enumerate(curves):
+        mat[i, np.searchsorted(steps, s)] = v
+    return steps, mat
+
+
+def plot_curves(
+    records: dict[str, dict[Any, list[dict[str, Any]]]],
+    keys: Sequence[str],
+    ylabel: str,
+    path: Path,
+) -> Path | None:
+    """One panel per key; per method the mean over seeds with a min-max band."""
+    data = {k: {m: _aligned(r, k) for m, r in records.items()} for k in keys}
+    keys = [k for k in keys if any(v is not None for v in data[k].values())]
+    if not keys:
+        return None
+    fig = Figure(figsize=(6.5 * len(keys), 4.2))
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, k in zip(axes, keys, strict=True):
+        for m, al in data[k].items():
+            if al is None:
+                continue
+            steps, mat = al
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(mat, 0)
+                lo, hi = np.nanmin(mat, 0), np.nanmax(mat, 0)
+            (line,) = ax.plot(steps, mean, label=f"{m} (n={mat.shape[0]})")
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(k)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_bars(
+    groups: Sequence[str],
+    series: dict[str, list[tuple[float, float, float]]],
+    ylabel: str,
+    title: str,
+    path: Path,
+) -> Path | None:
+    """Grouped bars: x = groups, one bar per series; values are (center, lo, hi)."""
+    if not groups or not series:
+        return None
+    fig = Figure(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(series)) ** 0.5 + 3), 4.2))
+    ax = fig.subplots()
+    width = 0.8 / len(series)
+    x = np.arange(len(groups))
+    for j, (name, vals) in enumerate(series.items()):
+        c = np.array([v[0] for v in vals], dtype=np.float64)
+        lo = np.array([v[1] for v in vals], dtype=np.float64)
+        hi = np.array([v[2] for v in vals], dtype=np.float64)
+        err = np.nan_to_num(np.vstack([c - lo, hi - c]), nan=0.0).clip(min=0)
+        ax.bar(
+            x + (j - (len(series) - 1) / 2) * width,
+            np.nan_to_num(c),
+            width,
+            yerr=err,
+            capsize=3,
+            label=name,
+        )
+    ax.set_xticks(x, list(groups))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_forest(
+    panels: dict[str, list[tuple[str, float, float, float, bool]]],
+    title: str,
+    path: Path,
+) -> Path | None:
+    """One panel per metric; rows are methods, each a point (method - baseline) with its interval.
+
+    `panels`: {metric: [(method, diff, lo, hi, primary)]}; primary comparisons are drawn filled."""
+    panels = {k: v for k, v in panels.items() if v}
+    if not panels:
+        return None
+    rows = max(len(v) for v in panels.values())
+    fig = Figure(figsize=(4.2 * len(panels), 1.2 + 0.45 * rows))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (metric, items) in zip(axes, panels.items(), strict=True):
+        y = np.arange(len(items))[::-1]
+        for yi, (_, diff, lo, hi, primary) in zip(y, items, strict=True):
+            if np.isfinite(lo) and np.isfinite(hi):
+                ax.plot([lo, hi], [yi, yi], color="C0", linewidth=2)
+            ax.plot([diff], [yi], "o", color="C3" if primary else "C0",
+                    markerfacecolor="C3" if primary else "white")
+        ax.axvline(0.0, color="0.4", linewidth=1, linestyle="--")
+        ax.set_yticks(y, [name for name, *_ in items])
+        ax.set_title(metric, fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
