@@ -70,6 +70,49 @@ def test_max_drawdown():
     assert M.max_drawdown([2.0, float("nan"), 1.0]) == 1.0
 
 
+def test_reward_noise_normalized_hand_case():
+    reward, m = [0.5, 0.6, 0.5, 0.7], 100
+    z = []
+    for prev, cur in zip(reward, reward[1:]):
+        pbar = (prev + cur) / 2
+        z.append((cur - prev) / math.sqrt(2 * pbar * (1 - pbar) / m))
+    assert M.reward_noise_normalized(_records(reward__mean=reward), m) == pytest.approx(np.std(z, ddof=1))
+    assert math.isnan(M.reward_noise_normalized(_records(reward__mean=reward), None))
+    assert math.isnan(M.reward_noise_normalized(_records(reward__mean=reward[:2]), m))
+    # a run stuck at reward 0 has p clipped to 0.5/m instead of dividing by zero
+    assert math.isfinite(M.reward_noise_normalized(_records(reward__mean=[0.0, 0.0, 1 / m, 0.0]), m))
+
+
+def test_reward_noise_normalized_does_not_track_the_reward_level():
+    """Pure Bernoulli sampling noise: the raw step noise is 0.6x as large at p = 0.1 as at p = 0.5
+    (sqrt(0.09 / 0.25)), the normalised noise is about 1 at both."""
+    rng = np.random.default_rng(0)
+    m, steps = 64, 2000
+    raw, norm = {}, {}
+    for p in (0.1, 0.5):
+        rec = _records(reward__mean=list(rng.binomial(m, p, size=steps) / m))
+        raw[p] = M.reward_diff_std(rec)
+        norm[p] = M.reward_noise_normalized(rec, m)
+    assert raw[0.1] / raw[0.5] == pytest.approx(0.6, rel=0.08)
+    assert norm[0.1] == pytest.approx(1.0, abs=0.08) and norm[0.5] == pytest.approx(1.0, abs=0.08)
+
+
+def test_collapse_events_and_time_to_collapse():
+    #        0    1    2    3    4     5    6    7    8    9
+    curve = [0.1, 0.5, 0.6, 0.2, 0.25, 0.1, 0.6, 0.2, 0.2, 0.7]
+    # running max 0.6 from index 2: indices 3-5 are below 0.3 (an event of 3); 7-8 only 2 steps
+    assert M.collapse_events(curve) == [(3, 3)]
+    assert M.collapse_events(curve, min_steps=2) == [(3, 3), (7, 2)]
+    assert M.collapse_events(curve, frac=0.3) == []  # only index 5 (0.1) is below 0.18
+    # a run that never reached min_peak cannot collapse
+    assert M.collapse_events([0.1, 0.02, 0.01, 0.01, 0.0]) == []
+    steps = np.arange(10, 20)
+    assert M.time_to_collapse(steps, curve) == (13.0, True)
+    assert M.time_to_collapse(steps, [0.5] * 10) == (19.0, False)  # censored at the last step
+    # a collapse that lasts to the end of the run counts
+    assert M.collapse_events([0.8, 0.1, 0.1, 0.1]) == [(1, 3)]
+
+
 def test_reward_std_loss_var_and_diff_std():
     recs = _records(reward__mean=[1.0, 2.0, 3.0, 4.0], loss__total=[1.0, 1.0, 3.0, 3.0])
     assert M.reward_std(recs) == pytest.approx(math.sqrt(5 / 3))  # sample std of 1..4
@@ -263,43 +306,7 @@ def test_pearson_and_spearman():
 
 
 # ---------------------------------------------------------------------------------------------
-# bootstrap
-
-
-def test_bootstrap_ci_normal_mean():
-    x = np.random.default_rng(1).normal(size=2000)
-    point, lo, hi = M.bootstrap_ci(x, n_boot=10000, seed=0)
-    assert point == pytest.approx(x.mean())
-    assert lo < 0 < hi
-    assert (hi - lo) == pytest.approx(2 * 1.96 / math.sqrt(2000), rel=0.15)
-    # deterministic for a given seed; median works through the axis= path
-    assert M.bootstrap_ci(x, n_boot=500, seed=3) == M.bootstrap_ci(x, n_boot=500, seed=3)
-    p, lo, hi = M.bootstrap_ci(x, stat=np.median, n_boot=500)
-    assert lo <= p <= hi
-
-
-def test_bootstrap_ci_edge_cases_and_custom_stat():
-    assert M.bootstrap_ci([2.5]) == (2.5, 2.5, 2.5)
-    assert all(math.isnan(v) for v in M.bootstrap_ci([]))
-    # a stat without axis= still works (called per resample)
-    p, lo, hi = M.bootstrap_ci([1.0, 2.0, 3.0, 4.0], stat=lambda a: float(max(a)), n_boot=300)
-    assert p == 4.0 and 1.0 <= lo <= hi <= 4.0
-    # two values: the resampled means are {a, (a+b)/2, b}, so the 95% CI is [a, b]
-    assert M.bootstrap_ci([1.0, 3.0], n_boot=4000)[1:] == (1.0, 3.0)
-
-
-def test_paired_diff_ci():
-    a = np.array([1.0, 2.0, 3.0, 4.0])
-    b = a - 0.5
-    assert M.paired_diff_ci(a, b, n_boot=200) == pytest.approx((0.5, 0.5, 0.5))
-    p, lo, hi = M.paired_diff_ci([1.0, 2.0, float("nan")], [0.0, 0.0, 5.0], n_boot=2000)
-    assert p == pytest.approx(1.5) and (lo, hi) == (1.0, 2.0)  # the NaN pair is dropped
-    with pytest.raises(ValueError):
-        M.paired_diff_ci([1.0], [1.0, 2.0])
-
-
-# ---------------------------------------------------------------------------------------------
-# logs and summarize_run
+# one run -> one flat dict
 
 
 def _write_run(d, records, results=None, trailing="", done=True):
@@ -363,7 +370,12 @@ def test_summarize_run(tmp_path):
         "note": "text is ignored",
     }
     _write_run(tmp_path / "run", recs, results, trailing='{"step": 16, "rew')
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"rollout": {"prompts_per_step": 4, "group_size": 5}}))
     s = M.summarize_run(tmp_path / "run")
+    assert s["stability/reward_noise_norm"] == pytest.approx(M.reward_noise_normalized(recs, 20))
+    # running max 0.5 at step 4; step 5 (0.1) is a single step below 0.25: no collapse
+    assert s["stability/collapse_count"] == 0.0 and s["stability/collapsed"] == 0.0
+    assert s["stability/time_to_collapse"] == 15.0
     assert s["train/steps"] == 15 and s["train/last_step"] == 15 and s["train/done"] == 1.0
     assert s["stability/max_drawdown"] == pytest.approx(0.4)
     assert s["stability/reward_std"] == pytest.approx(np.std(reward, ddof=1))
@@ -387,3 +399,4 @@ def test_summarize_run(tmp_path):
     _write_run(tmp_path / "run2", recs[:3], done=False)
     s2 = M.summarize_run(tmp_path / "run2")
     assert s2["train/done"] == 0.0 and "eval/greedy_pass@1" not in s2
+    assert math.isnan(s2["stability/reward_noise_norm"])  # no config.json: m unknown

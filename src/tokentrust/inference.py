@@ -14,10 +14,10 @@ Why these procedures (see docs/statistics.md and the project's statistics notes)
   n_seeds - 1 degrees of freedom. Pooling the problems as independent would be anti-conservative.
   A two-stage cluster bootstrap (seed pairs, then problems shared across the resampled seeds)
   gives a wider interval that also generalises over the choice of problems.
-- Multiple comparisons: Holm (`statsmodels.stats.multitest.multipletests`) controls the
-  family-wise error rate; Benjamini-Hochberg (`scipy.stats.false_discovery_control`) the FDR.
-- Power: the minimum detectable effect and the seeds needed come from the noncentral t power of
-  the paired t-test (`statsmodels.stats.power.TTestPower`).
+- Multiple comparisons: Holm controls the family-wise error rate (checked against statsmodels'
+  `multipletests`); Benjamini-Hochberg (`scipy.stats.false_discovery_control`) the FDR.
+- Power: the minimum detectable effect at 80% power, (t_{1-a/2,n-1} + t_{0.8,n-1}) sd / sqrt(n),
+  and the seeds needed for an observed effect (checked against statsmodels' `TTestPower`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
-from statsmodels.stats.multitest import multipletests
-from statsmodels.stats.power import TTestPower
 
 ArrayLike = Sequence[float] | np.ndarray
 POWER = 0.8
@@ -99,22 +97,21 @@ def sign_flip_pvalue(diffs: ArrayLike, *, exact_up_to: int = 16, seed: int = 0) 
 
 
 def mde(sd: float, n: int, alpha: float = 0.05, power: float = POWER) -> float:
-    """Minimum detectable difference of a two-sided paired t-test with n pairs (metric units).
-
-    Exact noncentral-t solution; close to (t_{1-a/2,n-1} + t_{power,n-1}) * sd / sqrt(n)."""
+    """Minimum detectable difference of a two-sided paired t-test with n pairs (metric units):
+    (t_{1-alpha/2, n-1} + t_{power, n-1}) * sd / sqrt(n). Slightly below the exact noncentral-t
+    answer (`statsmodels.stats.power.TTestPower`): 2% at n = 4, < 1% from n = 8; cheap."""
     if n < 2 or not math.isfinite(sd) or sd <= 0:
         return math.nan
-    es = TTestPower().solve_power(effect_size=None, nobs=n, alpha=alpha, power=power)
-    return float(es) * sd
+    return float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
 
 
 def seeds_needed(effect: float, sd: float, alpha: float = 0.05, power: float = POWER) -> int | None:
-    """Smallest number of paired seeds at which a paired t-test detects `effect` with `power`."""
+    """Smallest number of paired seeds whose `mde` is at most |effect| (None beyond 1000)."""
     if not (math.isfinite(effect) and math.isfinite(sd)) or effect == 0 or sd <= 0:
         return None
     ns = np.arange(2, MAX_SEEDS + 1)
-    pw = TTestPower().power(effect_size=abs(effect) / sd, nobs=ns, alpha=alpha)
-    hit = np.flatnonzero(pw >= power)
+    detectable = (stats.t.ppf(1 - alpha / 2, ns - 1) + stats.t.ppf(power, ns - 1)) * sd / np.sqrt(ns)
+    hit = np.flatnonzero(detectable <= abs(effect))
     return int(ns[hit[0]]) if hit.size else None
 
 
@@ -186,6 +183,12 @@ def paired_test(method: ArrayLike, baseline: ArrayLike, alpha: float = 0.05) -> 
     return replace(out, p=float(res.pvalue), lo=float(ci.low), hi=float(ci.high))
 
 
+def _resample_counts(rng: np.random.Generator, n_boot: int, k: int) -> np.ndarray:
+    """[n_boot, k] counts of each unit in n_boot resamples of k units with replacement."""
+    idx = rng.integers(0, k, size=(n_boot, k)) + (np.arange(n_boot) * k)[:, None]
+    return np.bincount(idx.ravel(), minlength=n_boot * k).reshape(n_boot, k).astype(np.float64)
+
+
 def cluster_bootstrap_se(diff_matrix: np.ndarray, n_boot: int = 2000, seed: int = 0) -> float:
     """Standard error of the mean of a [seeds, problems] matrix of paired differences by a
     two-stage bootstrap: resample seeds, and problems jointly for all resampled seeds.
@@ -197,8 +200,8 @@ def cluster_bootstrap_se(diff_matrix: np.ndarray, n_boot: int = 2000, seed: int 
     if S < 2 or P < 1:
         return math.nan
     rng = np.random.default_rng(seed)
-    w = rng.multinomial(S, np.full(S, 1.0 / S), size=n_boot) / S
-    v = rng.multinomial(P, np.full(P, 1.0 / P), size=n_boot) / P
+    w = _resample_counts(rng, n_boot, S) / S
+    v = _resample_counts(rng, n_boot, P) / P
     boot = np.einsum("bs,sp,bp->b", w, D, v)
     return float(np.std(boot, ddof=1) * math.sqrt(S / (S - 1)))
 
@@ -253,17 +256,31 @@ def mean_interval(values: ArrayLike, alpha: float = 0.05) -> tuple[float, float,
     return m, float(ci.low), float(ci.high)
 
 
-def adjust(pvalues: Sequence[float], method: str = "holm") -> np.ndarray:
-    """Adjusted p-values ('holm': family-wise error rate; 'bh': false discovery rate).
+def holm(pvalues: np.ndarray) -> np.ndarray:
+    """Holm step-down adjusted p-values: max over j <= i of (m - j + 1) p_(j), capped at 1.
 
-    NaN p-values (untested comparisons) stay NaN and do not count towards the family."""
+    Same numbers as `statsmodels.stats.multitest.multipletests(method='holm')` (the tests check
+    it), without its per-call garbage collection, which dominates simulation time."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    order = np.argsort(p)
+    m = p.size
+    stepped = np.maximum.accumulate((m - np.arange(m)) * p[order])
+    out = np.empty(m)
+    out[order] = np.minimum(stepped, 1.0)
+    return out
+
+
+def adjust(pvalues: Sequence[float], method: str = "holm") -> np.ndarray:
+    """Adjusted p-values ('holm': family-wise error rate; 'bh': false discovery rate via
+    `scipy.stats.false_discovery_control`). NaN p-values (untested comparisons) stay NaN and do
+    not count towards the family."""
     p = np.asarray(pvalues, dtype=np.float64)
     out = np.full(p.shape, np.nan)
     ok = np.isfinite(p)
     if not ok.any():
         return out
     if method == "holm":
-        out[ok] = multipletests(p[ok], method="holm")[1]
+        out[ok] = holm(p[ok])
     elif method == "bh":
         out[ok] = stats.false_discovery_control(p[ok], method="bh")
     else:
