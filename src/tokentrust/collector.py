@@ -28,7 +28,7 @@ from tokentrust.learner import logprobs_by_micro_batch, step_generator
 from tokentrust.rollout.base import RolloutBatch
 from tokentrust.rollout.weights import RolloutWeights
 from tokentrust.thresholds import BatchFrequencyState, compute_thresholds
-from tokentrust.vocab import FrequencyTable
+from tokentrust.vocab import FrequencyTable, TokenInfo
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, std_norm: bool = False, eps: float = 1e-6) -> torch.Tensor:
@@ -42,23 +42,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, std_norm: bool = Fa
 
 # ------------------------------------------------------------------------- vocabulary lookups
 
-@dataclass
-class TokenTables:
-    """Per-vocabulary-id lookups ([rows] tensors on the model's device, so GPU ids index them)."""
-
-    rarity: torch.Tensor  # float: rho = -log f
-    bucket: torch.Tensor  # long: mass buckets, then "unseen", then "special"
-    rare: torch.Tensor  # bool: beyond 95% of the corpus token mass, or unseen; never special
-    special: torch.Tensor  # bool: EOS, pad, BOS, chat-template markers
-    num_buckets: int
-    rho_ref: float
-
-
-def token_tables(table: FrequencyTable, edges: list[float], rows: int, device: torch.device | str) -> TokenTables:
-    """``table.token_info`` (ids beyond the table behave as unseen tokens) placed on ``device``."""
-    info = table.token_info(rows, edges)
-    return TokenTables(rarity=info.rarity.to(device), bucket=info.bucket.to(device), rare=info.rare.to(device),
-                       special=info.special.to(device), num_buckets=info.num_buckets, rho_ref=info.rho_ref)
+def token_tables(table: FrequencyTable, edges: list[float], rows: int, device: torch.device | str) -> TokenInfo:
+    """``table.token_info`` (ids beyond the table behave as unseen tokens) on ``device``, so that
+    token ids on a GPU index them directly."""
+    return table.token_info(rows, edges).to(device)
 
 
 # ------------------------------------------------------------------------------ scored batches
@@ -105,7 +92,7 @@ class Collector:
     """Samples, scores and thresholds batch i with the rollout side's weights (see the module doc)."""
 
     def __init__(self, cfg: RunConfig, task: Any, examples: list, tokenizer: Any, engine: Any,
-                 weights: RolloutWeights, tables: TokenTables, device: torch.device,
+                 weights: RolloutWeights, tables: TokenInfo, device: torch.device,
                  ref_model: torch.nn.Module | None = None, uses_delta: bool = False):
         self.cfg, self.task, self.examples, self.tokenizer = cfg, task, examples, tokenizer
         self.engine, self.weights, self.tables, self.device = engine, weights, tables, device

@@ -25,14 +25,13 @@ from typing import Any
 import torch
 
 from tokentrust import checkpoint as ckpt
-from tokentrust.collector import (BatchPipeline, Collector, ScoredBatch, TokenTables, group_advantages,  # noqa: F401
-                                  token_tables)
+from tokentrust.collector import BatchPipeline, Collector, ScoredBatch, group_advantages, token_tables  # noqa: F401
 from tokentrust.config import RunConfig
 from tokentrust.learner import (Learner, NonFiniteError, TrustRegionStats, response_logprobs,  # noqa: F401
                                 step_generator, trim)
 from tokentrust.rollout.weights import RolloutWeights
 from tokentrust.runlog import JsonlWriter, TensorBoard, atomic_write_json, read_jsonl, truncate_jsonl
-from tokentrust.vocab import FrequencyTable
+from tokentrust.vocab import FrequencyTable, TokenInfo
 
 TIMING_PHASES = ("generate", "score", "forward_backward", "loss", "other")
 NONDETERMINISTIC_KEYS = ("timing/", "perf/")  # wall-clock fields: differ between identical runs
@@ -72,7 +71,7 @@ class Trainer:
         self.table = self._frequency_table()
         # A model may have more output rows than the tokenizer has tokens (Qwen: 152,064 vs 151,665).
         rows = max(self.table.vocab_size, self.model.get_output_embeddings().weight.shape[0])
-        self.tokens: TokenTables = token_tables(self.table, cfg.algo.thresholds.bucket_edges, rows, self.device)
+        self.tokens: TokenInfo = token_tables(self.table, cfg.algo.thresholds.bucket_edges, rows, self.device)
         self.learner = Learner(cfg, self.model, self.tokens.bucket, self.tokens.num_buckets)
         self.collector = self._build_collector()
         self.pipeline = BatchPipeline(self.collector, cfg.rollout.staleness, cfg.rollout.overlap)
