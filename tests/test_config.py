@@ -98,3 +98,61 @@ def test_drpo_default_delta_follows_the_unirl_reference():
     assert resolve().algo.delta == 0.15
     assert resolve(overrides={"algo": {"loss": "drpo", "delta": 0.3}}).algo.delta == 0.3
     assert resolve(overrides={"algo": {"loss": "ppo"}}).algo.delta is None
+
+
+def test_yaml_file_with_set_overrides(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("max_steps: 3\nalgo:\n  loss: dppo-kl\n  thresholds: {kind: frequency, beta: 0.25}\n"
+                 "task:\n  options: {steps: 2}\n")
+    cfg = resolve(file=f, overrides=parse_set(["algo.thresholds.beta=0.5", "seed=7"]))
+    assert (cfg.max_steps, cfg.seed, cfg.algo.loss) == (3, 7, "dppo-kl")
+    assert cfg.algo.thresholds.kind == "frequency" and cfg.algo.thresholds.beta == 0.5
+    assert cfg.task.options == {"steps": 2}  # options replace the preset's, as with JSON/TOML
+    assert cfg.model.tiny_layers == 4  # a file alone starts from the built-in defaults, not a preset
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("algo: [1, 2]\n", "algo: input should be a valid dictionary"),
+    ("- a\n- b\n", "top level must be a table"),
+    ("algo: {delta: 0.1\n", "cannot parse config"),
+    ("rollout:\n  group_size: 1\n", "rollout.group_size: input should be greater than or equal to 2, got 1"),
+    ("rollout:\n  backend: sglang\n", "rollout.backend: input should be 'hf' or 'vllm', got 'sglang'"),
+    ("log:\n  trackers: [mlflow]\n", "log.trackers[0]: input should be 'tensorboard' or 'wandb'"),
+])
+def test_bad_yaml_is_one_line_naming_field_and_allowed_values(tmp_path, text, needle):
+    f = tmp_path / "bad.yml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        resolve(file=f)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_strict_types_refuse_what_lax_parsing_would_coerce():
+    for over, field in [({"log": {"progress": 1}}, "log.progress"), ({"optim": {"lr": "1e-5"}}, "optim.lr"),
+                        ({"max_steps": 2.0}, "max_steps"), ({"model": {"lora_targets": "q_proj"}}, "model.lora_targets")]:
+        with pytest.raises(ConfigError, match=f"^{field.replace('.', '[.]')}: "):
+            resolve(overrides=over)
+    assert resolve(overrides={"optim": {"lr": 1}}).optim.lr == 1.0  # an integer is a number
+
+
+def test_legacy_tensorboard_flag_maps_to_trackers():
+    """config.json files written before log.trackers (log.tensorboard: bool) still resume."""
+    assert resolve(overrides={"log": {"tensorboard": False}}).log.trackers == []
+    assert resolve(overrides={"log": {"tensorboard": True, "trackers": ["wandb"]}}).log.trackers == ["wandb", "tensorboard"]
+    assert resolve().log.trackers == ["tensorboard"]
+    with pytest.raises(ConfigError, match="log.tensorboard"):
+        resolve(overrides={"log": {"tensorboard": "no"}})
+
+
+def test_defaults_are_not_shared_between_configs():
+    a, b = resolve(), resolve()
+    a.algo.thresholds.bucket_edges.append(0.999)
+    a.log.trackers.append("wandb")
+    assert b.algo.thresholds.bucket_edges == [0.5, 0.8, 0.95, 0.99] and b.log.trackers == ["tensorboard"]
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = resolve(preset="qwen-math-gsm8k", overrides={"task": {"options": {"x": [1, 2]}}})
+    f = tmp_path / "resolved.yaml"
+    f.write_text(cfg.to_yaml())
+    assert resolve(file=f) == cfg
