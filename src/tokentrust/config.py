@@ -7,6 +7,7 @@ Types are strict: ``"yes"`` is not a boolean, ``1.5`` not an integer (integers a
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import tomllib
@@ -368,6 +369,8 @@ def validate(cfg: RunConfig) -> None:
     n = r.prompts_per_step * r.group_size
     _check(o.minibatches <= n, f"optim.minibatches must be in [1, {n}] (sequences per step), got {o.minibatches}")
     _check(m.tiny_hidden % m.tiny_heads == 0, f"model.tiny_hidden ({m.tiny_hidden}) must be divisible by tiny_heads ({m.tiny_heads})")
+    _check("wandb" not in cfg.log.trackers or importlib.util.find_spec("wandb") is not None,
+           "log.trackers has 'wandb' but wandb is not installed: pip install 'tokentrust[tracking]'")
 
 
 def loss_params(cfg: RunConfig) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from tokentrust.config import RunConfig
 from tokentrust.learner import (Learner, NonFiniteError, TrustRegionStats, response_logprobs,  # noqa: F401
                                 step_generator, trim)
 from tokentrust.rollout.weights import RolloutWeights
-from tokentrust.runlog import JsonlWriter, TensorBoard, atomic_write_json, read_jsonl, truncate_jsonl
+from tokentrust.runlog import JsonlWriter, Progress, Trackers, atomic_write_json, read_jsonl, truncate_jsonl
 from tokentrust.vocab import FrequencyTable, TokenInfo
 
 TIMING_PHASES = ("generate", "score", "forward_backward", "loss", "other")
@@ -82,7 +82,9 @@ class Trainer:
             self._start_fresh()
         self.metrics_log = JsonlWriter(self.out / "metrics.jsonl")
         self.samples_log = JsonlWriter(self.out / "samples.jsonl")
-        self.tb = TensorBoard(self.out / "tensorboard", enabled=cfg.log.tensorboard)
+        lg = cfg.log
+        self.trackers = Trackers.open(lg.trackers, self.out, cfg.to_dict(), project=lg.project, run_name=lg.run_name,
+                                      group=lg.group)
 
     # ------------------------------------------------------------------------------------ set-up
 
@@ -207,7 +209,7 @@ class Trainer:
         timings["other"] += total - sum(timings[k] for k in TIMING_PHASES) - timings.get("wait_rollout", 0.0)
         record = self._record(data, metrics, timings, total)
         self.metrics_log.write(record)
-        self.tb.log(record, step)
+        self.trackers.log(record, step)
         if self.cfg.log.samples_every and step % self.cfg.log.samples_every == 0:
             self._log_samples(data)
         if self.cfg.log.checkpoint_every and step % self.cfg.log.checkpoint_every == 0:
@@ -247,12 +249,12 @@ class Trainer:
 
     def _log_samples(self, data: ScoredBatch) -> None:
         g = self.cfg.rollout.group_size
-        for i in range(min(self.cfg.log.num_samples, len(data.batch))):
-            j = i * g  # the first sample of different prompts
-            if j >= len(data.batch):
-                break
-            self.samples_log.write({"step": self.step, "prompt": data.prompts[j // g],
-                                    "completion": data.batch.response_texts[j], "reward": float(data.rewards[j])})
+        rows = [{"step": self.step, "prompt": data.prompts[j // g], "completion": data.batch.response_texts[j],
+                 "reward": float(data.rewards[j])}  # the first sample of different prompts
+                for j in range(0, min(self.cfg.log.num_samples * g, len(data.batch)), g)]
+        for row in rows:
+            self.samples_log.write(row)
+        self.trackers.log_samples(rows, self.step)
 
     # --------------------------------------------------------------------------------- the loop
 
@@ -260,22 +262,12 @@ class Trainer:
         """Train up to ``max_steps`` (default: config) total steps; returns the new records."""
         max_steps = self.cfg.max_steps if max_steps is None else max_steps
         records = []
-        bar = None
-        if self.cfg.log.progress and not self.quiet:
-            from tqdm import tqdm
-
-            bar = tqdm(total=max_steps, initial=self.step, desc=f"train {self.cfg.algo.loss}", unit="step",
-                       dynamic_ncols=True)
-        try:
+        with Progress(max_steps, f"train {self.cfg.algo.loss}", "steps", initial=self.step,
+                      quiet=self.quiet or not self.cfg.log.progress) as bar:
             while self.step < max_steps:
                 rec = self.train_step()
                 records.append(rec)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", kept=f"{rec.get('trust_region/kept_frac', 1):.3f}")
-        finally:
-            if bar is not None:
-                bar.close()
+                bar.update(1, f"reward {rec['reward/mean']:.3f} kept {rec.get('trust_region/kept_frac', 1):.3f}")
         if self.step >= self.cfg.max_steps:
             if not self.cfg.log.checkpoint_every or self.step % self.cfg.log.checkpoint_every:
                 self.save()
@@ -315,7 +307,7 @@ class Trainer:
         self.pipeline.close()
         self.metrics_log.close()
         self.samples_log.close()
-        self.tb.close()
+        self.trackers.close()
 
 
 def run_training(cfg: RunConfig, *, resume: bool = False, max_steps: int | None = None, quiet: bool = False,
