@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from tokentrust.cli import main
+from tokentrust.config import resolve
 
 
 def _run(*args, cwd=None):
@@ -52,8 +54,10 @@ def test_malformed_dataset_line_is_reported_with_file_and_line(tmp_path, capsys)
 
 def test_print_config_and_help(capsys):
     assert main(["train", "--print-config", "--set", "algo.delta=0.2"]) == 0
-    cfg = json.loads(capsys.readouterr().out)
+    text = capsys.readouterr().out
+    cfg = yaml.safe_load(text)
     assert cfg["algo"]["delta"] == 0.2 and cfg["model"]["name"] == "tiny"
+    assert cfg == resolve(overrides={"algo": {"delta": 0.2}}).to_dict()  # the fully resolved config, as YAML
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "--resume" in capsys.readouterr().out

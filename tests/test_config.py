@@ -115,9 +115,9 @@ def test_yaml_file_with_set_overrides(tmp_path):
     ("algo: [1, 2]\n", "algo: input should be a valid dictionary"),
     ("- a\n- b\n", "top level must be a table"),
     ("algo: {delta: 0.1\n", "cannot parse config"),
-    ("rollout:\n  group_size: 1\n", "rollout.group_size: input should be greater than or equal to 2, got 1"),
-    ("rollout:\n  backend: sglang\n", "rollout.backend: input should be 'hf' or 'vllm', got 'sglang'"),
-    ("log:\n  trackers: [mlflow]\n", "log.trackers[0]: input should be 'tensorboard' or 'wandb'"),
+    ("rollout:\n  group_size: 1\n", "rollout.group_size must be >= 2, got 1"),
+    ("rollout:\n  backend: sglang\n", "rollout.backend must be one of 'hf' or 'vllm', got 'sglang'"),
+    ("log:\n  trackers: [mlflow]\n", "log.trackers[0] must be one of 'tensorboard' or 'wandb'"),
 ])
 def test_bad_yaml_is_one_line_naming_field_and_allowed_values(tmp_path, text, needle):
     f = tmp_path / "bad.yml"

@@ -246,8 +246,17 @@ def _one_line(err: ValidationError, cls: type[BaseModel]) -> str:
         return f"unknown config key {path!r}; known keys here: {', '.join(sorted(section.model_fields))}"
     if e["type"] == "value_error" and isinstance(e.get("ctx", {}).get("error"), ConfigError):
         return str(e["ctx"]["error"])
+    ctx, got = e.get("ctx", {}), e.get("input")
+    bound = next((k for k in _BOUNDS if k in ctx), None)
+    if bound:
+        return f"{path} must be {_BOUNDS[bound]} {ctx[bound]:g}, got {got!r}"
+    if e["type"] == "literal_error":
+        return f"{path} must be one of {ctx['expected']}, got {got!r}"
     msg = e["msg"][0].lower() + e["msg"][1:]
-    return f"{path or 'config'}: {msg}, got {e['input']!r}"
+    return f"{path or 'config'}: {msg}, got {got!r}"
+
+
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
 def from_dict(cls: type[BaseModel], data: dict[str, Any]) -> Any:

@@ -15,14 +15,15 @@ def register(subparsers: Any) -> None:
                               description="Train one run. Precedence: preset < --config < --set < --out/--max-steps.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named configuration (default tiny-arith)")
-    src.add_argument("--config", default=None, help="JSON or TOML config file (keys as in config.json)")
+    src.add_argument("--config", default=None, help="YAML, JSON or TOML config file (keys as in config.json; see examples/configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field, e.g. --set algo.loss=dppo-kl --set algo.thresholds.kind=frequency")
     p.add_argument("--out", default=None, help="run directory (default: the config's out_dir)")
     p.add_argument("--max-steps", type=int, default=None, help="total RL steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-eval", action="store_true", help="skip the end-of-run evaluation")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true", help="print the fully resolved config as YAML and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
 
 
@@ -46,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = resolve(preset=args.preset, file=args.config, overrides=overrides)
     if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
+        print(cfg.to_yaml(), end="")
         return 0
-    out = run_training(cfg, resume=args.resume, evaluate_at_end=not args.no_eval)
+    out = run_training(cfg, resume=args.resume, evaluate_at_end=not args.no_eval, quiet=args.quiet)
     results = out / "eval" / "results.json"
     print(f"run directory: {out}")
     if results.exists():
