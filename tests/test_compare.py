@@ -49,6 +49,37 @@ def test_grid_runs_end_to_end_and_reports(tmp_path):
     a = [json.loads(x)["prompt"] for x in (out / "runs/ppo/seed_0/samples.jsonl").read_text().splitlines()]
     b = [json.loads(x)["prompt"] for x in (out / "runs/av-freq-norm/seed_0/samples.jsonl").read_text().splitlines()]
     assert a == b and a
+    # progress in a log (stdout is a pipe): plain lines, one per run start, no carriage returns
+    assert "\r" not in log and log.count(": started (new)") == 4 and log.count(") finished in ") == 4
+
+
+def test_grid_watch_reads_run_progress_from_metrics(tmp_path, monkeypatch):
+    import io
+    from types import SimpleNamespace
+
+    from tokentrust.compare import _GridWatch
+    from tokentrust.runlog import JsonlWriter, Progress
+
+    monkeypatch.setenv("TOKENTRUST_PROGRESS", "plain")
+    runs = [("ppo", 0, SimpleNamespace(out_dir=str(tmp_path / "a"), max_steps=3), "new"),
+            ("dppo-tv", 1, SimpleNamespace(out_dir=str(tmp_path / "b"), max_steps=3), "new")]
+    buf = io.StringIO()
+    bar = Progress(6, "grid demo", "steps", stream=buf, every_s=0)
+    watch = _GridWatch(runs, bar)
+    watch.poll({0: 1.0})
+    log = JsonlWriter(tmp_path / "a" / "metrics.jsonl")
+    for step, kept in ((1, 0.5), (2, 0.0)):
+        log.write({"step": step, "reward/mean": 0.25 * step, "trust_region/kept_frac": kept})
+    watch.poll({0: 1.0})
+    log.write({"step": 3, "reward/mean": 1.0})  # written just before the run ended, never polled
+    watch.finished(0)
+    watch.poll({0: 1.0, 1: 2.0})
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("[1/2] ppo seed 0: started (new)")
+    assert lines[1].startswith("grid demo: 0/6 steps") and lines[1].endswith("| ppo s0 starting")
+    assert lines[2].startswith("grid demo: 2/6 steps") and lines[2].endswith("| ppo s0 step 2/3 reward 0.500 kept 0.000")
+    assert bar.n == 3 and lines[3].startswith("grid demo: 3/6 steps")  # the unpolled last step is counted
+    assert lines[4] == "[2/2] dppo-tv seed 1: started (new)" and lines[5].endswith("| dppo-tv s1 starting")
 
 
 def test_interrupted_grid_finishes_only_missing_runs(tmp_path):

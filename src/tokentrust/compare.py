@@ -13,12 +13,12 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 from tokentrust.config import ConfigError, deep_merge, load_file, resolve
-from tokentrust.runlog import atomic_write_json
+from tokentrust.runlog import Progress, atomic_write_json, read_jsonl
 
 # Every method a grid may name. "family" groups them in the report: AV-DPPO variants are
 # what the hypotheses are about; everything else is a baseline.
@@ -160,9 +160,72 @@ def _run_one(cfg: Any, status: str, threads: int) -> None:
         raise RuntimeError(f"run {run_dir} failed (exit {proc.returncode}); see {run_dir.parent / (run_dir.name + '.log')}")
 
 
+class _GridWatch:
+    """Follows the running runs of a grid through their metrics.jsonl and feeds the progress display."""
+
+    def __init__(self, pending: list[tuple[str, int, Any, str]], bar: Progress):
+        self.pending, self.bar = pending, bar
+        self.steps = {i: self._last_step(i) for i in range(len(pending))}  # resumed runs start where they were
+        self.done: set[int] = set()
+        self.announced: set[int] = set()
+        self.t0 = time.time()
+        if sum(self.steps.values()):
+            self.bar.update(sum(self.steps.values()))
+
+    def _records(self, i: int) -> list[dict[str, Any]]:
+        return read_jsonl(Path(self.pending[i][2].out_dir) / "metrics.jsonl")
+
+    def _last_step(self, i: int) -> int:
+        if self.pending[i][3] != "resume":
+            return 0
+        records = self._records(i)
+        return int(records[-1]["step"]) if records else 0
+
+    def poll(self, started: dict[int, float]) -> None:
+        """Announce new runs, count their new steps and show the newest running run's state."""
+        newest, advanced = None, 0
+        for i in sorted(started, key=started.get):
+            name, seed, cfg, status = self.pending[i]
+            if i not in self.announced:
+                self.announced.add(i)
+                self.bar.note(f"[{len(self.announced)}/{len(self.pending)}] {name} seed {seed}: started ({status})"
+                              + ("; the first run also builds the model's warm start" if len(self.announced) == 1 else ""))
+            if i in self.done:
+                continue
+            records = self._records(i)
+            step = int(records[-1]["step"]) if records else self.steps[i]
+            advanced += max(0, step - self.steps[i])
+            self.steps[i] = step
+            last = records[-1] if records else None
+            newest = f"{name} s{seed} " + (_run_state(last, cfg.max_steps) if last else "starting")
+            if last and step >= cfg.max_steps:
+                newest = f"{name} s{seed} evaluating"
+        self.bar.update(advanced, newest)
+
+    def finished(self, i: int) -> None:
+        """A run ended: count any steps not yet seen (its full budget when it succeeded)."""
+        self.done.add(i)
+        records = self._records(i)
+        step = int(records[-1]["step"]) if records else self.steps[i]
+        self.bar.update(max(0, step - self.steps[i]))
+        self.steps[i] = step
+
+
+def _run_state(record: dict[str, Any], max_steps: int) -> str:
+    kept = record.get("trust_region/kept_frac")
+    reward = record.get("reward/mean")
+    return (f"step {record['step']}/{max_steps} reward {'nan' if reward is None else f'{reward:.3f}'} "
+            f"kept {'nan' if kept is None else f'{kept:.3f}'}")
+
+
 def run_grid(spec: dict[str, Any], grid_dir: str | Path, *, workers: int = 1, overrides: dict[str, Any] | None = None,
-             command: str = "", build_report: bool = True) -> Path:
-    """Run (or finish) every run of the grid, then write the report."""
+             command: str = "", build_report: bool = True, quiet: bool = False) -> Path:
+    """Run (or finish) every run of the grid, then write the report.
+
+    Progress (unless ``quiet``): an overall bar over all RL steps with ETA and the newest running run's
+    step, reward and kept fraction on a terminal; otherwise a line per run start and end and a status
+    line at most every 15 s (read from the runs' metrics.jsonl).
+    """
     grid_dir = Path(grid_dir)
     grid_dir.mkdir(parents=True, exist_ok=True)
     runs = run_configs(spec, grid_dir, overrides)
@@ -181,27 +244,35 @@ def run_grid(spec: dict[str, Any], grid_dir: str | Path, *, workers: int = 1, ov
     print(f"grid {spec.get('name')}: {len(runs)} runs, {len(runs) - len(pending)} already done, "
           f"{len(pending)} to run with {workers} worker(s)", flush=True)
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
-    t0 = time.time()
-    done = 0
     failures = []
+    started: dict[int, float] = {}  # index in pending -> start time (set by the worker thread)
 
-    def work(item):
+    def work(i, item):
         name, seed, cfg, status = item
-        start = time.time()
+        started[i] = time.time()
         _run_one(cfg, status, threads)
-        return name, seed, status, time.time() - start
+        return time.time() - started[i]
 
-    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-        futures = [pool.submit(work, t) for t in pending]
-        for fut in futures:
-            try:
-                name, seed, status, secs = fut.result()
-                done += 1
-                print(f"[{done}/{len(pending)}] {name} seed {seed} ({status}) finished in {secs:.0f}s "
-                      f"(elapsed {time.time() - t0:.0f}s)", flush=True)
-            except RuntimeError as e:
-                failures.append(str(e))
-                print(f"FAILED: {e}", flush=True)
+    total_steps = sum(c.max_steps for _, _, c, _ in pending)
+    with Progress(total_steps, f"grid {spec.get('name')}", "steps", quiet=quiet) as bar, \
+            ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+        futures = {pool.submit(work, i, t): i for i, t in enumerate(pending)}
+        watch = _GridWatch(pending, bar)
+        waiting = set(futures)
+        while waiting:
+            finished, waiting = wait(waiting, timeout=1.0, return_when=FIRST_COMPLETED)
+            watch.poll(started)
+            for fut in sorted(finished, key=futures.get):
+                name, seed, _, status = pending[futures[fut]]
+                try:
+                    secs = fut.result()
+                    watch.finished(futures[fut])
+                    bar.note(f"[{len(watch.done)}/{len(pending)}] {name} seed {seed} ({status}) finished in "
+                             f"{secs:.0f}s (elapsed {time.time() - watch.t0:.0f}s)")
+                except RuntimeError as e:
+                    failures.append(str(e))
+                    watch.finished(futures[fut])
+                    bar.note(f"FAILED: {e}")
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed; rerun the same command to retry them. First: {failures[0]}")
     if build_report:

@@ -6,23 +6,26 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from tokentrust import metrics as M
 from tokentrust.prompting import format_prompt
-from tokentrust.runlog import atomic_write_json, atomic_write_text
+from tokentrust.runlog import Progress, atomic_write_json, atomic_write_text
 
 
-def _generate_all(rollout: Any, prompts: list[str], batch_size: int, *, greedy: bool, seed: int) -> list[Any]:
-    """Generate for every prompt in batches; returns one RolloutBatch per batch."""
+def _generate_all(rollout: Any, prompts: list[str], batch_size: int, *, greedy: bool, seed: int,
+                  on_batch: Callable[[Any], None] | None = None) -> list[Any]:
+    """Generate for every prompt in batches; returns one RolloutBatch per batch (each also given to ``on_batch``)."""
     out = []
     device = next(rollout.model.parameters()).device if hasattr(rollout, "model") else torch.device("cpu")
     for i in range(0, len(prompts), batch_size):
         g = torch.Generator(device=device)
         g.manual_seed(seed * 100_003 + i)
         out.append(rollout.generate(prompts[i:i + batch_size], generator=g, greedy=greedy))
+        if on_batch is not None:
+            on_batch(out[-1])
     return out
 
 
@@ -41,12 +44,13 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: Any, *, out_dir: str 
              split: str = "test", limit: int | None = None, samples: int = 4, max_new_tokens: int = 256,
              temperature: float = 1.0, seed: int = 0, batch_size: int = 32, table: Any = None,
              bucket_edges: Sequence[float] = (0.5, 0.8, 0.95, 0.99), system_prompt: str | None = None,
-             reference: torch.nn.Module | None = None, backend: str = "hf") -> dict[str, Any]:
+             reference: torch.nn.Module | None = None, backend: str = "hf", progress: bool = False) -> dict[str, Any]:
     """Evaluate ``model`` on ``task``'s ``split``; writes results.json and problems.jsonl to ``out_dir``.
 
     Greedy decoding gives pass@1; ``samples`` draws at ``temperature`` give mean@k and the unbiased
     pass@k (n = k samples). With a frequency ``table``: rare-token shares and distinct-n of the
     sampled generations; with a ``reference`` model: their per-token NLL under it (coherence).
+    ``progress``: show generations done and the running accuracy (``tokentrust.runlog.Progress``).
     """
     from tokentrust.rollout import make_rollout
 
@@ -61,14 +65,23 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: Any, *, out_dir: str 
     model.eval()
     extra = {"workdir": tempfile.mkdtemp(prefix="tokentrust-vllm-")} if backend == "vllm" else {}
     rollout = make_rollout(backend, model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, **extra)
-    greedy_rows = _rows(_generate_all(rollout, prompts, batch_size, greedy=True, seed=seed))
-    sample_rows = _rows(_generate_all(rollout, [p for p in prompts for _ in range(samples)], batch_size,
-                                      greedy=False, seed=seed + 1))
-    model.train(was_training)
+    greedy_ok: list[bool] = []
+    flat_ok: list[bool] = []  # sample j of problem i at i * samples + j
+    with Progress(len(examples) * (1 + samples), f"eval {task.name}", "generations", quiet=not progress) as bar:
+        def score(ok: list[bool], golds: list[Any], label: str) -> Callable[[Any], None]:
+            def on_batch(batch: Any) -> None:
+                ok.extend(task.score(text, golds[len(ok)]).correct for text in batch.response_texts)
+                bar.update(len(batch), f"{label} accuracy {sum(ok) / len(ok):.3f} over {len(ok)}")
+            return on_batch
 
-    greedy_ok = [task.score(text, ex).correct for (_, _, text), ex in zip(greedy_rows, examples)]
-    sample_ok = [[task.score(sample_rows[i * samples + j][2], ex).correct for j in range(samples)]
-                 for i, ex in enumerate(examples)]
+        greedy_rows = _rows(_generate_all(rollout, prompts, batch_size, greedy=True, seed=seed,
+                                          on_batch=score(greedy_ok, examples, "greedy")))
+        sample_rows = _rows(_generate_all(rollout, [p for p in prompts for _ in range(samples)], batch_size,
+                                          greedy=False, seed=seed + 1,
+                                          on_batch=score(flat_ok, [ex for ex in examples for _ in range(samples)],
+                                                         "sampled")))
+    model.train(was_training)
+    sample_ok = [flat_ok[i * samples:(i + 1) * samples] for i in range(len(examples))]
     results: dict[str, Any] = {
         "task": task.name, "split": split, "n": samples, "k": samples, "num_problems": len(examples),
         "greedy_pass@1": M.greedy_pass_at_1(greedy_ok),

@@ -192,7 +192,7 @@ class Progress:
         self.every_s, self.postfix = every_s, ""
         self.t0 = time.monotonic()
         self._last_line = -math.inf
-        self._printed_n: int | None = None
+        self._printed: tuple[int, str] | None = None
         mode = os.environ.get("TOKENTRUST_PROGRESS", "").lower()
         if mode not in ("bar", "plain", "off"):
             mode = "off" if quiet else ("bar" if _isatty(self.stream) else "plain")
@@ -213,7 +213,8 @@ class Progress:
             if postfix is not None:
                 self.bar.set_postfix_str(postfix, refresh=False)
             self.bar.refresh()
-        elif self.mode == "plain" and time.monotonic() - self._last_line >= self.every_s and self.n != self._printed_n:
+        elif self.mode == "plain" and time.monotonic() - self._last_line >= self.every_s \
+                and (self.n, self.postfix) != self._printed:
             self._line()
 
     def set_total(self, total: int) -> None:
@@ -237,12 +238,12 @@ class Progress:
             eta = f", ETA {_clock(elapsed / self.n * (self.total - self.n))}"
         tail = f" | {self.postfix}" if self.postfix else ""
         print(f"{self.desc}: {done} {self.unit} [{_clock(elapsed)}{eta}]{tail}", file=self.stream, flush=True)
-        self._last_line, self._printed_n = time.monotonic(), self.n
+        self._last_line, self._printed = time.monotonic(), (self.n, self.postfix)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.mode == "plain" and self._printed_n != self.n:
+        elif self.mode == "plain" and self._printed != (self.n, self.postfix):
             self._line()
 
     def __enter__(self) -> "Progress":

@@ -287,7 +287,8 @@ class Trainer:
                                samples=self.cfg.task.eval_samples, max_new_tokens=self.cfg.rollout.max_new_tokens,
                                temperature=self.cfg.rollout.temperature, seed=self.cfg.seed, table=self.table,
                                bucket_edges=self.cfg.algo.thresholds.bucket_edges,
-                               system_prompt=self.cfg.task.system_prompt, reference=self._initial_model())
+                               system_prompt=self.cfg.task.system_prompt, reference=self._initial_model(),
+                               progress=self.cfg.log.progress and not self.quiet)
         atomic_write_json(self.out / "DONE", {"step": self.step})
         return results
 

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -477,6 +477,7 @@ def build_frequency_table(
     tokenizer_name: str | None = None,
     on_error: str = "raise",
     text_unit: str = "line",
+    progress: Callable[[int, int], None] | None = None,
 ) -> FrequencyTable:
     """Count the tokens of a corpus with `tokenizer` (no special tokens added).
 
@@ -486,6 +487,7 @@ def build_frequency_table(
     text_unit="file"), a directory of such files, or any other iterable of document strings.
     Malformed JSONL lines raise ValueError with file:line, or are skipped and counted in
     meta["skipped_lines"] with on_error="skip". The vocabulary size is len(tokenizer).
+    `progress(docs, tokens)` is called after each batch of documents is counted.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -515,6 +517,9 @@ def build_frequency_table(
             if int(flat.max()) >= vocab_size or int(flat.min()) < 0:
                 raise ValueError(f"tokenizer produced id {int(flat.max())} outside len(tokenizer)={vocab_size}")
             counts[:] += np.bincount(flat, minlength=vocab_size)
+        stats["tokens"] = stats.get("tokens", 0) + int(flat.size)
+        if progress is not None:
+            progress(num_docs, stats["tokens"])
 
     batch: list[str] = []
     done = False

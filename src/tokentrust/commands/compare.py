@@ -16,11 +16,12 @@ def register(subparsers: Any) -> None:
                                           "evaluation; finished runs are skipped and interrupted ones resumed.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=sorted(GRID_PRESETS), default=None, help="named grid (default: demo)")
-    src.add_argument("--config", default=None, help="grid file (JSON/TOML): preset|config, methods, seeds, overrides")
+    src.add_argument("--config", default=None, help="grid file (YAML/JSON/TOML): preset|config, methods, seeds, overrides")
     p.add_argument("--out", default=None, help="grid directory (default: runs/compare-<name>)")
     p.add_argument("--workers", type=int, default=1, help="runs in parallel (threads are split between them)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of every run, e.g. --set max_steps=10")
+    p.add_argument("--quiet", action="store_true", help="no progress output (the summary lines stay)")
     p.add_argument("--list-methods", action="store_true", help="print the available methods and exit")
     p.set_defaults(func=run)
 
@@ -38,5 +39,6 @@ def run(args: argparse.Namespace) -> int:
     spec = load_grid(args.preset, args.config)
     out = args.out or f"runs/compare-{spec['name']}"
     command = "tokentrust " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    run_grid(spec, out, workers=args.workers, overrides=parse_set(args.overrides), command=command)
+    run_grid(spec, out, workers=args.workers, overrides=parse_set(args.overrides), command=command,
+             quiet=args.quiet)
     return 0

@@ -8,10 +8,10 @@ from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a model on gsm8k, math500 or arith")
+    p = subparsers.add_parser("eval", help="evaluate a model on gsm8k, math500, arith or rg/<dataset>")
     p.add_argument("--model", required=True, help="hub id, local folder (e.g. RUN_DIR/final_model), 'smollm2' or 'tiny'")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder")
-    p.add_argument("--task", required=True, choices=["gsm8k", "math500", "arith"])
+    p.add_argument("--task", required=True, help="gsm8k, math500, arith or rg/<reasoning-gym dataset> (rg extra)")
     p.add_argument("--data-dir", default=None, help="local data folder (default: ../shared/data/<task> or the hub)")
     p.add_argument("--task-option", dest="task_options", action="append", default=[], metavar="KEY=VALUE",
                    help="task constructor option, e.g. --task-option steps=1 --task-option max_operand=10 (arith)")
@@ -25,6 +25,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--out", default="runs/eval", help="writes results.json and problems.jsonl here")
     p.set_defaults(func=run)
 
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
                                                     gguf_file=args.gguf_file)
     results = evaluate(model, tokenizer, task, out_dir=args.out, split=args.split, limit=args.limit,
                        samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       seed=args.seed, batch_size=args.batch_size, backend=args.backend)
+                       seed=args.seed, batch_size=args.batch_size, backend=args.backend,
+                       progress=not args.quiet)
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)}, indent=2))
     print(f"wrote {args.out}/results.json and {args.out}/problems.jsonl")
     return 0

@@ -7,6 +7,7 @@ import json
 import time
 from typing import Any
 
+from tokentrust.runlog import Progress
 from tokentrust.vocab import DEFAULT_EDGES, FrequencyTable, build_frequency_table, load_tokenizer
 
 
@@ -33,6 +34,7 @@ def register(subparsers: Any) -> None:
     b.add_argument("--tokenizer-name", default=None, help="name to record (default: --tokenizer)")
     b.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="malformed JSONL lines")
     b.add_argument("--text-unit", choices=["line", "file"], default="line", help="documents in text files")
+    b.add_argument("--quiet", action="store_true", help="no progress output")
     b.set_defaults(func=run_build)
 
     s = sub.add_parser("show", help="print a frequency table's summary and buckets")
@@ -49,6 +51,13 @@ def run_build(args: argparse.Namespace) -> int:
     """Build and save a table; prints a one-paragraph summary."""
     tok = load_tokenizer(args.tokenizer, gguf_file=args.gguf_file)
     t0 = time.perf_counter()
+    bar = Progress(None, "vocab build", "tokens", quiet=args.quiet)
+    seen = [0]
+
+    def counted(docs: int, tokens: int) -> None:
+        bar.update(tokens - seen[0], f"{docs:,} docs")
+        seen[0] = tokens
+
     table = build_frequency_table(
         tok,
         args.input,
@@ -58,7 +67,9 @@ def run_build(args: argparse.Namespace) -> int:
         tokenizer_name=args.tokenizer_name or args.tokenizer,
         on_error=args.on_error,
         text_unit=args.text_unit,
+        progress=counted,
     )
+    bar.close()
     path = table.save(args.out)
     dt = time.perf_counter() - t0
     seen = int((table.counts > 0).sum())
