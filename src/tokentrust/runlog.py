@@ -182,7 +182,7 @@ class Progress:
     """Progress of long work: a live tqdm bar on a terminal, plain lines at most every ``every_s``
     seconds otherwise (no carriage returns in log files), nothing when ``quiet``.
 
-    ``TOKENTRUST_PROGRESS=bar|plain|off`` overrides the choice.
+    ``TOKENTRUST_PROGRESS=bar|plain|off`` overrides the terminal check (``quiet`` always wins).
     """
 
     def __init__(self, total: int | None, desc: str, unit: str = "it", *, initial: int = 0, quiet: bool = False,
@@ -195,8 +195,8 @@ class Progress:
         self._printed: tuple[int, str] | None = None
         mode = os.environ.get("TOKENTRUST_PROGRESS", "").lower()
         if mode not in ("bar", "plain", "off"):
-            mode = "off" if quiet else ("bar" if _isatty(self.stream) else "plain")
-        self.mode = mode
+            mode = "bar" if _isatty(self.stream) else "plain"
+        self.mode = "off" if quiet else mode
         self.bar = None
         if mode == "bar":
             from tqdm import tqdm
