@@ -1,6 +1,7 @@
 """Tasks: datasets + prompt templates + verifiers behind one registry.
 
     task = get_task("gsm8k", data_dir=None, on_bad_line="raise", answer_fallback=False, format_reward=0.0)
+    task = get_task("rg/countdown", num_train=2000, min_numbers=3)   # reasoning-gym (the `rg` extra)
     for ex in task.examples("train"): task.prompt(ex); task.score(completion, ex)
 """
 
@@ -24,7 +25,11 @@ def register_task(name: str, factory: Callable[..., Task]) -> None:
 
 
 def get_task(name: str, **options) -> Task:
-    """Build a registered task; an unknown name lists the available ones."""
+    """Build a registered task (or ``rg/<dataset>``); an unknown name lists the available ones."""
+    if name.startswith("rg/"):
+        from tokentrust.tasks.rg import ReasoningGym
+
+        return ReasoningGym(name[3:], **options)
     try:
         factory = _REGISTRY[name]
     except KeyError:
@@ -33,7 +38,7 @@ def get_task(name: str, **options) -> Task:
 
 
 def available_tasks() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY) + ["rg/<reasoning-gym dataset>"]
 
 
 register_task("gsm8k", GSM8K)
