@@ -11,7 +11,7 @@ GSM8K_SRC="${GSM8K_SRC:-$ROOT/../shared/data/gsm8k}"
   --field question,answer --out "$TT_FREQ_TABLE"
 accelerate launch --config_file "$ROOT/examples/trl/accelerate.yaml" --num_processes "${NPROC:-8}" \
   "$ROOT/examples/trl/train_gsm8k.py" \
-  --model "$TT_MODEL" --train_file "$GSM8K_SRC/train.jsonl" --output_dir "${OUT:-$ROOT/runs/trl_gsm8k}" \
+  --model "$TT_MODEL" --data_dir "$GSM8K_SRC" --output_dir "${OUT:-$ROOT/runs/trl_gsm8k}" \
   --loss_type dapo --num_generations 8 --per_device_train_batch_size 8 --max_completion_length 512 \
   --learning_rate 1e-6 --beta 0.0 --report_to none --logging_steps 1 \
   --tokentrust_loss dppo-tv --tokentrust_delta 0.15 --tokentrust_params '{"is_cap": null}' \

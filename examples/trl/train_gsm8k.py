@@ -5,73 +5,41 @@
         --tokentrust_loss dppo-tv --tokentrust_delta 0.15 \
         --tokentrust_thresholds '{"kind": "frequency", "beta": 0.5, "normalize": true, "table": "freq.safetensors"}'
 
-Every GRPOConfig flag works (``--use_vllm true --vllm_mode colocate`` to sample with vLLM, which
-also makes the anchor mu the sampler's own log-probs); see docs/scaling.md.
+Prompts and rewards come from tokentrust's gsm8k task (``tokentrust.rewards``): the same prompt
+template and the same bounded verifier as ``tokentrust train``. Every GRPOConfig flag works
+(``--use_vllm true --vllm_mode colocate`` to sample with vLLM, which also makes the anchor mu the
+sampler's own log-probs); see docs/scaling.md.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field
 
 from datasets import Dataset
 from transformers import HfArgumentParser
 
 from tokentrust.integrations.trl import TokenTrustGRPOConfig, TokenTrustGRPOTrainer
-
-INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+from tokentrust.rewards import task_rows, trl_reward
+from tokentrust.tasks import get_task
 
 
 @dataclass
 class ScriptArguments:
     model: str = field(default="Qwen/Qwen2.5-0.5B-Instruct", metadata={"help": "hub id or local folder"})
-    train_file: str = field(default="../shared/data/gsm8k/train.jsonl")
+    task: str = field(default="gsm8k", metadata={"help": "any tokentrust task: gsm8k, arith, rg/countdown, ..."})
+    data_dir: str | None = field(default=None, metadata={"help": "task data folder (default: ../shared/data/<task>)"})
     max_train: int | None = field(default=None, metadata={"help": "use only the first N problems"})
-
-
-def load_gsm8k(path: str, limit: int | None) -> Dataset:
-    rows = []
-    with open(path) as f:
-        for line in f:
-            ex = json.loads(line)
-            gold = ex["answer"].split("####")[-1].strip().replace(",", "")
-            rows.append({"prompt": [{"role": "user", "content": f"{ex['question']} {INSTRUCTION}"}], "gold": gold})
-            if limit is not None and len(rows) >= limit:
-                break
-    return Dataset.from_list(rows)
-
-
-def extract_answer(text: str) -> str | None:
-    """The number after the last '####', else in the last \\boxed{}, else the last number."""
-    for pattern in (r"####\s*(.+)", r"\\boxed\{([^{}]*)\}"):
-        hits = re.findall(pattern, text)
-        if hits:
-            nums = NUMBER.findall(hits[-1])
-            if nums:
-                return nums[0].replace(",", "")
-    nums = NUMBER.findall(text)
-    return nums[-1].replace(",", "") if nums else None
-
-
-def correctness_reward(completions, gold, **kwargs) -> list[float]:
-    """1.0 when the extracted answer equals the gold number (numerically), else 0.0."""
-    out = []
-    for completion, g in zip(completions, gold):
-        text = completion[-1]["content"] if isinstance(completion, list) else completion
-        pred = extract_answer(text)
-        try:
-            out.append(float(pred is not None and abs(float(pred) - float(g)) < 1e-6))
-        except ValueError:
-            out.append(0.0)
-    return out
+    answer_fallback: bool = field(default=True, metadata={"help": "also accept an unformatted final number"})
 
 
 def main() -> None:
     script, args = HfArgumentParser((ScriptArguments, TokenTrustGRPOConfig)).parse_args_into_dataclasses()
-    trainer = TokenTrustGRPOTrainer(model=script.model, reward_funcs=correctness_reward, args=args,
-                                    train_dataset=load_gsm8k(script.train_file, script.max_train))
+    options = {"answer_fallback": script.answer_fallback}
+    if script.data_dir:
+        options["data_dir"] = script.data_dir
+    task = get_task(script.task, **options)
+    trainer = TokenTrustGRPOTrainer(model=script.model, reward_funcs=trl_reward(task), args=args,
+                                    train_dataset=Dataset.from_list(task_rows(task, "train", script.max_train)))
     trainer.train()
     trainer.save_model(args.output_dir)
 

@@ -1,50 +1,42 @@
-"""Convert GSM8K jsonl (question / answer with '#### N') to verl's parquet layout.
+"""Write a tokentrust task (default GSM8K) in verl's parquet layout, scored by tokentrust.rewards.
 
     python examples/verl/prepare_gsm8k.py --src ../shared/data/gsm8k --out data/verl_gsm8k
+    python examples/verl/prepare_gsm8k.py --task rg/countdown --option min_numbers=3 --out data/verl_countdown
 
-Rows follow verl's own examples/data_preprocess/gsm8k.py, so verl's built-in GSM8K scorer
-(data_source "openai/gsm8k": last '#### N' in the response, exact string match) applies.
+Rows carry data_source "tokentrust/<task>", the gold answer as reward_model.ground_truth and, in
+extra_info, the question, the example's meta and the task options; the config points verl's
+custom reward at ``pkg://tokentrust.rewards`` (``compute_score``), so training is scored by the
+same prompt template and bounded verifier as ``tokentrust train``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pandas as pd
 
-INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
-
-
-def gold(answer: str) -> str:
-    return answer.split("####")[-1].strip().replace(",", "")
-
-
-def convert(src: Path, split: str) -> pd.DataFrame:
-    rows = []
-    with open(src / f"{split}.jsonl") as f:
-        for i, line in enumerate(f):
-            ex = json.loads(line)
-            rows.append({
-                "data_source": "openai/gsm8k",
-                "prompt": [{"role": "user", "content": f"{ex['question']} {INSTRUCTION}"}],
-                "ability": "math",
-                "reward_model": {"style": "rule", "ground_truth": gold(ex["answer"])},
-                "extra_info": {"split": split, "index": i, "question": ex["question"], "answer": ex["answer"]},
-            })
-    return pd.DataFrame(rows)
+from tokentrust.config import parse_set
+from tokentrust.rewards import verl_rows
+from tokentrust.tasks import get_task
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--src", default="../shared/data/gsm8k", help="folder with train.jsonl and test.jsonl")
+    ap.add_argument("--task", default="gsm8k", help="tokentrust task name (gsm8k, math500, arith, rg/<dataset>)")
+    ap.add_argument("--src", default=None, help="task data folder (gsm8k / math500: train.jsonl, test.jsonl)")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="task option, repeatable")
+    ap.add_argument("--splits", default="train,test")
     ap.add_argument("--out", default="data/verl_gsm8k")
     args = ap.parse_args()
+    options = parse_set(args.option)
+    if args.src:
+        options["data_dir"] = args.src
+    task = get_task(args.task, **options)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "test"):
-        df = convert(Path(args.src), split)
+    for split in args.splits.split(","):
+        df = pd.DataFrame(verl_rows(task, split, options))
         df.to_parquet(out / f"{split}.parquet")
         print(f"{split}: {len(df)} rows -> {out / f'{split}.parquet'}")
 

@@ -372,6 +372,13 @@ def test_example_config_composes_with_verl_defaults():
     assert cfg.algorithm.rollout_correction.bypass_mode and cfg.actor_rollout_ref.rollout.calculate_log_probs
     env = cfg.ray_kwargs.ray_init.runtime_env.env_vars
     assert env.VERL_USE_EXTERNAL_MODULES == "tokentrust.integrations.verl"
+    # rewards: verl loads tokentrust's own verifier through its custom-reward hook
+    from verl.utils.import_utils import load_extern_object
+
+    import tokentrust.rewards
+
+    hook = cfg.reward.custom_reward_function
+    assert load_extern_object(module_path=hook.path, object_name=hook.name) is tokentrust.rewards.compute_score
 
 
 # ------------------------------------------------- verl semantics: dual clip, rollout IS weights
