@@ -156,3 +156,25 @@ def test_resolved_yaml_round_trips(tmp_path):
     f = tmp_path / "resolved.yaml"
     f.write_text(cfg.to_yaml())
     assert resolve(file=f) == cfg
+
+
+def test_example_configs_are_the_presets():
+    """examples/configs/<preset>.yaml resolves to the preset; regenerate one with
+    `tokentrust train --preset NAME --print-config > examples/configs/NAME.yaml` after a preset changes."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "configs"
+    assert set(PRESETS) <= {p.stem for p in folder.glob("*.yaml")}
+    for name in PRESETS:
+        assert resolve(file=folder / f"{name}.yaml") == resolve(preset=name), f"examples/configs/{name}.yaml is stale"
+    for path in folder.glob("*.yaml"):  # the other examples validate
+        resolve(file=path)
+
+
+def test_yaml_exponent_without_a_dot_is_a_number(tmp_path):
+    """Regression: YAML 1.1 (PyYAML) reads `lr: 1e-5` as the string '1e-5', which strict validation refused."""
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 1e-5\n  weight_decay: 1E+2\nrollout:\n  temperature: .5\nseed: 3\nout_dir: '1e-5'\n")
+    cfg = resolve(file=f)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.rollout.temperature, cfg.seed) == (1e-5, 100.0, 0.5, 3)
+    assert cfg.out_dir == "1e-5"  # quoted stays a string
