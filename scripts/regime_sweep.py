@@ -60,6 +60,44 @@ def run_row(run_dir: Path) -> dict[str, float]:
     return out
 
 
+BUCKETS = ("0-50%", "50-80%", "80-95%", "95-99%", "99-100%", "unseen", "special")  # default edges
+
+
+def mechanism(run_dir: Path) -> dict[str, list[float]]:
+    """Per frequency bucket (mean over steps): masked fraction, |pi - mu| (mean over PPO epochs);
+    and the masked fraction of each PPO epoch."""
+    recs = load_metrics(run_dir)
+
+    def mean(key: str) -> float:
+        v = [r[key] for r in recs if isinstance(r.get(key), (int, float)) and np.isfinite(r[key])]
+        return float(np.mean(v)) if v else float("nan")
+
+    epochs = sorted({int(k.split("/")[1].split("_")[1]) for r in recs[:1] for k in r if "/epoch_" in k})
+    masked = [1.0 - mean(f"trust_region/kept_frac/bucket_{i}") for i in range(len(BUCKETS))]
+    absdiff = [float(np.nanmean([mean(f"trust_region/epoch_{e}/abs_diff_mean/bucket_{i}") for e in epochs]))
+               if epochs else float("nan") for i in range(len(BUCKETS))]
+    return {"masked": masked, "abs_diff": absdiff,
+            "epoch_masked": [mean(f"trust_region/epoch_{e}/masked_frac") for e in epochs]}
+
+
+def mechanism_table(out: Path, spec: dict[str, Any], method: str = "dppo-tv") -> str:
+    """Markdown: where the region acts, per frequency bucket and per PPO epoch (mean over seeds)."""
+    lines = [f"`{method}`, mean over seeds: masked fraction (m) and mean |pi - mu| (d) per corpus-frequency "
+             "bucket (share of the token mass, most frequent first), and masked fraction per PPO epoch.", "",
+             "| regime | " + " | ".join(f"{b} m / d" for b in BUCKETS) + " | masked by epoch |",
+             "|---|" + "---:|" * len(BUCKETS) + "---|"]
+    for regime in spec["regimes"]:
+        runs = [out / regime / "runs" / method / f"seed_{s}" for s in spec["seeds"]]
+        mech = [mechanism(d) for d in runs if (d / "metrics.jsonl").exists()]
+        if not mech:
+            continue
+        avg = {k: np.nanmean(np.array([m[k] for m in mech], dtype=float), axis=0) for k in mech[0]}
+        cells = [f"{m:.3f} / {d:.3f}" for m, d in zip(avg["masked"], avg["abs_diff"])]
+        lines.append(f"| {regime} | " + " | ".join(cells) + " | " + ", ".join(f"{x:.3f}" for x in avg["epoch_masked"])
+                     + " |")
+    return "\n".join(lines)
+
+
 def run_sweep(spec: dict[str, Any], out: Path, workers: int, table_only: bool) -> list[dict[str, Any]]:
     rows = []
     for regime, over in spec["regimes"].items():
@@ -85,15 +123,18 @@ def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per (regime, method), mean over seeds (collapses counted)."""
     keys = list(dict.fromkeys((r["regime"], r["method"]) for r in rows))  # first-seen order
     lines = ["| regime | method | seeds | masked frac | max masked | mean \\|pi-mu\\| | reward first 5 | "
-             "best 5-step | reward last 5 | collapsed | greedy pass@1 | s/step |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "best 5-step | reward last 5 | collapsed | s/step |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for regime, method in keys:
         rs = [r for r in rows if r["regime"] == regime and r["method"] == method]
-        f = lambda k: np.nanmean([r.get(k, np.nan) for r in rs])  # noqa: E731
+        def f(key: str) -> float:
+            vals = [r[key] for r in rs if key in r and np.isfinite(r[key])]
+            return float(np.mean(vals)) if vals else float("nan")
+
         lines.append(f"| {regime} | {method} | {len(rs)} | {f('masked_frac'):.4f} | {f('masked_frac_max'):.3f} | "
                      f"{f('abs_pi_mu'):.4f} | {f('reward_first5'):.3f} | {f('reward_max5'):.3f} | "
                      f"{f('reward_last5'):.3f} | {int(sum(r['collapsed'] for r in rs))}/{len(rs)} | "
-                     f"{f('greedy_pass@1'):.3f} | {f('step_s'):.1f} |")
+                     f"{f('step_s'):.1f} |")
     return "\n".join(lines)
 
 
@@ -118,7 +159,7 @@ def main() -> int:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    md = table(rows)
+    md = table(rows) + "\n\n" + mechanism_table(out, spec)
     (res / "sweep.md").write_text(md + "\n")
     print(md)
     return 0

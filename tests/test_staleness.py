@@ -123,5 +123,5 @@ def test_bad_rollout_settings_name_the_field(tmp_path, rollout, message):
 def test_async_preset_differs_from_tiny_arith_only_in_the_off_policy_settings():
     base, stale = resolve(preset="tiny-arith").to_dict(), resolve(preset="tiny-arith-async").to_dict()
     assert stale["model"] == base["model"] and stale["task"] == base["task"]
-    assert (stale["rollout"]["staleness"], stale["rollout"]["overlap"], stale["log"]["mismatch"]) == (2, True, True)
+    assert (stale["rollout"]["staleness"], stale["rollout"]["overlap"], stale["log"]["mismatch"]) == (4, True, True)
     assert {k for k in stale["rollout"] if stale["rollout"][k] != base["rollout"][k]} == {"staleness", "overlap"}
