@@ -73,3 +73,23 @@ def test_per_epoch_masking_and_most_masked_tokens(tmp_path, one_thread):
     assert [(t["id"], t["masked"]) for t in top["top"]] == want
     assert all(t["seen"] == seen[t["id"]] and t["text"] == tokenizer.decode([t["id"]]) for t in top["top"])
     assert top["masked_total"] == sum(counts.values()) and top["step"] == 2
+
+
+def test_bucket_delta_is_logged_only_for_losses_with_a_threshold():
+    """Regression: ppo / pg-is (no delta) logged a mean threshold of 0 per bucket."""
+    from tokentrust.diagnostics import BucketStats
+
+    buckets = torch.tensor([0, 1, 2])
+    ids = torch.tensor([[0, 1, 2, 2]])
+    keep = torch.tensor([[True, False, True, True]])
+    mask = torch.tensor([[True, True, True, False]])
+    adv = torch.ones(1, 4)
+    without = BucketStats(3, torch.device("cpu"))
+    without.add(buckets[ids], keep, mask, adv, None)
+    m = without.metrics()
+    assert not any(k.startswith("trust_region/delta_mean") for k in m)
+    assert m["trust_region/kept_frac/bucket_1"] == 0.0 and m["trust_region/kept_frac/bucket_2"] == 1.0
+    with_delta = BucketStats(3, torch.device("cpu"))
+    with_delta.add(buckets[ids], keep, mask, adv, torch.tensor([[0.1, 0.2, 0.4, 9.0]]))
+    m = with_delta.metrics()
+    assert [m[f"trust_region/delta_mean/bucket_{i}"] for i in range(3)] == pytest.approx([0.1, 0.2, 0.4])

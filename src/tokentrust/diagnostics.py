@@ -82,6 +82,7 @@ class BucketStats:
         z = lambda: torch.zeros(num_buckets, device=device)  # noqa: E731
         self.kept, self.count, self.delta = z(), z(), z()
         self.kept_pos, self.count_pos, self.kept_neg, self.count_neg = z(), z(), z(), z()
+        self.has_delta = False  # losses without a threshold (ppo, pg-is) log no delta_mean
 
     @torch.no_grad()
     def add(self, buckets: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor,
@@ -94,6 +95,7 @@ class BucketStats:
         for sel, kept, cnt in ((a > 0, self.kept_pos, self.count_pos), (a < 0, self.kept_neg, self.count_neg)):
             cnt += torch.bincount(b[sel], minlength=self.n).float()
             kept += torch.bincount(b[sel], weights=k[sel], minlength=self.n)
+        self.has_delta |= delta is not None
         if isinstance(delta, torch.Tensor):
             self.delta += torch.bincount(b, weights=delta[mask].float(), minlength=self.n)
         elif delta is not None:
@@ -105,7 +107,8 @@ class BucketStats:
                             self.kept_neg / self.count_neg]).tolist()
         for i in range(self.n):
             out[f"trust_region/kept_frac/bucket_{i}"] = rows[0][i]
-            out[f"trust_region/delta_mean/bucket_{i}"] = rows[1][i]
+            if self.has_delta:
+                out[f"trust_region/delta_mean/bucket_{i}"] = rows[1][i]
             out[f"trust_region/kept_frac/bucket_{i}/pos"] = rows[2][i]
             out[f"trust_region/kept_frac/bucket_{i}/neg"] = rows[3][i]
         return out

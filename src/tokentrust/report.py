@@ -411,24 +411,50 @@ def _bucket_ids(keys: Sequence[str], pattern: str) -> list[int]:
     return sorted({int(m[1]) for k in keys if (m := rx.fullmatch(k))})
 
 
+def _bucket_labels(d: GridData, ids: list[int]) -> list[str]:
+    """Column headers "b<i> <mass range>" from the grid's bucket edges (vocab.FrequencyTable)."""
+    from tokentrust.vocab import DEFAULT_EDGES, FrequencyTable
+
+    edges = d.grid.get("resolved_example", {}).get("algo", {}).get("thresholds", {}).get("bucket_edges")
+    names = FrequencyTable.bucket_names(edges or DEFAULT_EDGES)
+    return [f"b{i} {names[i]}" if i < len(names) else f"bucket {i}" for i in ids]
+
+
+def _bucket_row(d: GridData, method: str, keys: list[str]) -> str:
+    """Mean over seeds of the mean over `keys` (e.g. the PPO epochs) of one run's summary."""
+    vals = []
+    for metrics in d.summaries.get(method, {}).values():
+        xs = [metrics[k] for k in keys if k in metrics and math.isfinite(metrics[k])]
+        if xs:
+            vals.append(float(np.mean(xs)))
+    return _fmt(float(np.mean(vals)) if vals else math.nan)
+
+
 def section_buckets(d: GridData) -> list[str]:
+    """Where the regions act: kept fraction, delta_t and |pi - mu| per corpus-frequency bucket."""
     keys = d.metric_keys
+    epochs = sorted({int(m[1]) for k in keys if (m := re.match(r"trust_region/epoch_(\d+)/abs_diff_mean/bucket_", k))})
     blocks = []
-    for name, suffix in (("kept_frac", ""), ("kept_frac", "/pos"), ("kept_frac", "/neg"),
-                         ("delta_mean", ""), ("abs_diff_mean", "")):
-        ids = _bucket_ids(keys, rf"trust_region/{name}/bucket_(\d+){suffix}")
+    specs = [(f"trust_region/kept_frac/bucket_{{i}}{sfx}", [""], f"kept fraction{txt}")
+             for sfx, txt in (("", ""), ("/pos", ", A > 0"), ("/neg", ", A < 0"))]
+    specs.append(("trust_region/delta_mean/bucket_{i}", [""], "mean threshold delta_t"))
+    if epochs:
+        specs.append(("trust_region/epoch_{e}/abs_diff_mean/bucket_{i}", [str(e) for e in epochs],
+                      "mean |pi - mu| (mean over PPO epochs)"))
+    for pattern, eps, title in specs:
+        ids = _bucket_ids(keys, pattern.replace("{e}", eps[0]).replace("{i}", r"(\d+)"))
         if not ids:
             continue
-        key = f"trust_region/{name}/bucket_{{i}}{suffix}"
-        rows = [
-            [f"`{m}`", *[_fmt(float(np.mean(v)) if (v := _per_seed(d, m, key.format(i=i))) else math.nan) for i in ids]]
-            for m in d.methods
-        ]
-        blocks.append(f"`{key.format(i='<i>')}`\n\n" + _table(["method", *[f"bucket {i}" for i in ids]], rows))
+        rows = [[f"`{m}`", *[_bucket_row(d, m, [pattern.format(e=e, i=i) for e in eps]) for i in ids]]
+                for m in d.methods]
+        blocks.append(f"{title} (`{pattern.format(e='<e>', i='<i>')}`)\n\n"
+                      + _table(["method", *_bucket_labels(d, ids)], rows))
     if not blocks:
         return []
     return ["## Trust region per frequency bucket (mean over steps, then seeds)",
-            "Bucket 0 holds the most frequent tokens; higher ids are rarer.", *blocks]
+            "Buckets by share of the corpus token mass, most frequent first; then tokens the corpus never "
+            "holds (unseen) and special tokens (EOS, pad, chat markers: they always get the base delta). "
+            "\"Rare\" metrics count the buckets beyond 95% of the mass and unseen tokens.", *blocks]
 
 
 def _forest_panels(d: GridData) -> dict[str, list[tuple[str, float, float, float, bool]]]:
