@@ -17,7 +17,7 @@ $(BIN)/tokentrust: pyproject.toml
 
 install: $(BIN)/tokentrust
 
-# The main job: the demo comparison (tiny-arith; ppo, dppo-tv, AV-DPPO; 2 seeds) and its report.
+# The main job: the demo comparison in the stress regime (pg-is, ppo, dppo-tv, AV-DPPO; 2 seeds) and its report.
 run: install
 	$(BIN)/tokentrust compare --preset demo --out runs/demo
 
