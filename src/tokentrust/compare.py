@@ -67,6 +67,11 @@ GRID_PRESETS: dict[str, dict[str, Any]] = {
                               "av-batch-norm", "av-entropy-norm", "av-combined-norm", "av-freq-inverse"],
                   "seeds": [0, 1, 2], "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
                   "overrides": {"max_steps": 40, "task": {"eval_limit": 128, "eval_samples": 4}}},
+    # The study (issue 11), part 1: the primary pair in the stress regime with 8 seeds. ~25 min on 2 cores
+    # (2 workers). Later parts add the other methods, the dose-response grids and the control regime.
+    "stress-primary": {"preset": "tiny-arith-async", "methods": ["dppo-tv", "av-freq-norm"],
+                       "seeds": [0, 1, 2, 3, 4, 5, 6, 7], "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
+                       "overrides": {"max_steps": 40, "task": {"eval_limit": 128, "eval_samples": 4}}},
     # GPU: Qwen2.5-Math-1.5B on GSM8K; about 8 GPU-hours per run on one H100 (300 steps x 512 samples).
     "gpu-study": {"preset": "qwen-math-gsm8k",
                   "methods": ["ppo", "clip-higher", "dppo-tv", "dppo-kl", "dppo-topk-tv", "cppo", "drpo", "av-freq",
