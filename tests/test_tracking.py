@@ -148,6 +148,12 @@ def test_progress_quiet_and_terminal_modes(monkeypatch):
     assert p.mode == "bar" and "\r" in tty.getvalue() and "reward 0.5" in tty.getvalue()
     monkeypatch.setenv("TOKENTRUST_PROGRESS", "off")
     assert Progress(3, "x", stream=Tty()).mode == "off"
+    # regression (review): quiet on a terminal still drew the tqdm bar
+    monkeypatch.delenv("TOKENTRUST_PROGRESS")
+    quiet_tty = Tty()
+    with Progress(3, "train", "steps", stream=quiet_tty, quiet=True) as p:
+        p.update(2, "reward 0.5")
+    assert p.bar is None and quiet_tty.getvalue() == ""
 
 
 def test_tensorboard_tracker_writes_the_scalars_and_samples(tmp_path):

@@ -300,3 +300,24 @@ def test_special_ids_survive_save_load_and_build_records_them(tmp_path):
             return 8
 
     assert special_token_ids(Tok()) == [0, 2, 5]
+
+
+def test_a_table_without_special_ids_gets_the_tokenizers(tmp_path):
+    """Regression (review): a user table saved before special ids were recorded (format 1) loaded
+    with special_ids = [], so the trainer treated EOS as the rarest token again."""
+    from tokentrust.policy import frequency_table_for
+
+    tok = _train_bpe(CORPUS * 5, 320)
+    tok.add_special_tokens({"eos_token": "</s>"})  # a new special id, never in any corpus
+    table = build_frequency_table(tok, [CORPUS])
+    from tokentrust.vocab import special_token_ids
+
+    specials = special_token_ids(tok)  # [UNK], <s> (trained as special) and the new </s>
+    assert tok.eos_token_id in specials and table.special_ids == specials
+    table.special_ids = []  # as a format-1 file reads
+    path = table.save(tmp_path / "old.safetensors")
+    assert FrequencyTable.load(path).special_ids == []
+    loaded = frequency_table_for(tok, None, table_path=str(path))
+    assert loaded.special_ids == specials
+    info = loaded.token_info()
+    assert info.special[tok.eos_token_id] and not info.rare[tok.eos_token_id]

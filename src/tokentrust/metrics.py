@@ -165,8 +165,11 @@ def reward_noise_normalized(
     A mean of m Bernoulli(p) rewards has variance p(1-p)/m, so raw noise peaks at p = 0.5 and a
     method that sits nearer 0.5 looks less stable. Here each change r_t - r_{t-1} is divided by
     sqrt(2 pbar (1 - pbar) / m), pbar = (r_t + r_{t-1}) / 2 clipped to [0.5/m, 1 - 0.5/m], and
-    the std of these z-scores is returned: about 1 for pure sampling noise, larger when the
-    policy itself jumps. m = prompts_per_step * group_size. NaN without m or with < 3 steps."""
+    the std of these z-scores is returned, larger when the policy itself jumps. m =
+    prompts_per_step * group_size. The G samples of one prompt are correlated (intra-prompt
+    correlation rho), so pure sampling noise gives about sqrt(1 + (G - 1) rho), not 1; the metric
+    compares methods run with the same G and prompts, not against an absolute scale. NaN without m
+    or with < 3 steps."""
     v = _values(records, key)
     if not samples_per_step or samples_per_step < 1 or v.size < 3:
         return float("nan")

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from tokentrust.config import RunConfig
-from tokentrust.vocab import FORMAT_VERSION, FrequencyTable, VocabMismatchError, build_frequency_table
+from tokentrust.vocab import (FORMAT_VERSION, FrequencyTable, VocabMismatchError, build_frequency_table,
+                              special_token_ids)
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -51,9 +52,11 @@ def frequency_table_for(tokenizer: Any, task: Any, *, table_path: str | None = N
     """Load ``table_path`` (checked against the tokenizer) or build one from the corpus, cached.
 
     The default corpus is the task's training texts (questions and solutions), or the listed files.
+    The tokenizer's special tokens are always special in the returned table, also for a table
+    saved before they were recorded (format 1), so EOS can never pass for the rarest token.
     """
     if table_path:
-        return FrequencyTable.load(table_path, tokenizer=tokenizer)
+        return with_special_ids(FrequencyTable.load(table_path, tokenizer=tokenizer), tokenizer)
     if corpus:
         sources: Any = list(corpus)
         key_src = "|".join(f"{p}:{os.path.getsize(p)}" for p in corpus)
@@ -67,9 +70,17 @@ def frequency_table_for(tokenizer: Any, task: Any, *, table_path: str | None = N
     path = cache_root(cache_dir) / "freq" / f"{task.name}-{key}.safetensors"
     if path.exists():
         try:
-            return FrequencyTable.load(path, tokenizer=tokenizer)
+            return with_special_ids(FrequencyTable.load(path, tokenizer=tokenizer), tokenizer)
         except (VocabMismatchError, ValueError):
             pass  # stale or damaged cache entry: rebuild it
     table = build_frequency_table(tokenizer, sources, field="question,answer")
     table.save(path)  # atomic
+    return table
+
+
+def with_special_ids(table: FrequencyTable, tokenizer: Any) -> FrequencyTable:
+    """``table`` with the tokenizer's special ids added to the ones it recorded."""
+    ids = sorted(set(table.special_ids) | set(special_token_ids(tokenizer)))
+    if ids != table.special_ids:
+        table.special_ids = ids
     return table

@@ -530,7 +530,7 @@ DEFINITIONS = """## Metric definitions
   NLL of the generations under the initial model) come from the same evaluation.
 - `trust_region/*`: means over steps of the per-step trust-region diagnostics.
 - Tests: see docs/statistics.md (paired t-test and t-interval, exact sign-flip p, cluster-level
-  accuracy test, Holm corrections, MDE at 80% power from the noncentral t)."""
+  accuracy test, Holm corrections, MDE at 80% power from t quantiles)."""
 
 
 def write_summary_csv(d: GridData) -> Path:
@@ -555,11 +555,8 @@ def build_report(
     *,
     baseline: str = "dppo-tv",
     alpha: float = 0.05,
-    n_boot: int | None = None,
 ) -> Path:
-    """Write GRID_DIR/report.md, summary.csv and plots/*.png; return the report path.
-
-    `n_boot` is accepted for backward compatibility and ignored (no decision uses a bootstrap)."""
+    """Write GRID_DIR/report.md, summary.csv and plots/*.png; return the report path."""
     d = analyse(grid_dir, baseline, alpha)
     write_summary_csv(d)
     sections = [

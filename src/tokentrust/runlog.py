@@ -198,7 +198,7 @@ class Progress:
             mode = "bar" if _isatty(self.stream) else "plain"
         self.mode = "off" if quiet else mode
         self.bar = None
-        if mode == "bar":
+        if self.mode == "bar":
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=self.stream)
@@ -216,12 +216,6 @@ class Progress:
         elif self.mode == "plain" and time.monotonic() - self._last_line >= self.every_s \
                 and (self.n, self.postfix) != self._printed:
             self._line()
-
-    def set_total(self, total: int) -> None:
-        self.total = total
-        if self.bar is not None:
-            self.bar.total = total
-            self.bar.refresh()
 
     def note(self, message: str) -> None:
         """A line of its own (above the bar on a terminal); silent when quiet."""

@@ -27,15 +27,13 @@ import torch
 from tokentrust import checkpoint as ckpt
 from tokentrust.collector import BatchPipeline, Collector, ScoredBatch, group_advantages, token_tables  # noqa: F401
 from tokentrust.config import RunConfig
-from tokentrust.learner import (Learner, NonFiniteError, TrustRegionStats, response_logprobs,  # noqa: F401
-                                step_generator, trim)
+from tokentrust.learner import Learner, NonFiniteError  # noqa: F401  (NonFiniteError: part of this module's API)
 from tokentrust.rollout.weights import RolloutWeights
 from tokentrust.runlog import JsonlWriter, Progress, Trackers, atomic_write_json, read_jsonl, truncate_jsonl
 from tokentrust.vocab import FrequencyTable, TokenInfo
 
 TIMING_PHASES = ("generate", "score", "forward_backward", "loss", "other")
 NONDETERMINISTIC_KEYS = ("timing/", "perf/")  # wall-clock fields: differ between identical runs
-StepData = ScoredBatch  # the name before the collector / learner split
 
 
 def select_device(name: str) -> torch.device:

@@ -204,7 +204,6 @@ class ThresholdSchedule:
             self.special = self.special.clone()
             self.special[extra] = True
         self.state = BatchFrequencyState()
-        self.batches_seen = 0  # training batches that advanced the batch-frequency state
 
     @property
     def constant(self) -> bool:
@@ -235,8 +234,6 @@ class ThresholdSchedule:
         state = self.state if train else copy.deepcopy(self.state)
         scale = compute_thresholds(self.spec, 1.0, all_ids, all_mask, rarity=self.rarity, rho_ref=self.rho_ref,
                                    entropy=all_ent, vocab_size=self.vocab_size, state=state, special=self.special)
-        if train and self.spec.kind == "batch-frequency":
-            self.batches_seen += 1
         return scale[first:first + ids.shape[0], :ids.shape[1]].to(token_ids.device)
 
 

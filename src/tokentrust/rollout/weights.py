@@ -33,7 +33,7 @@ def weight_fingerprint(model: torch.nn.Module, tensors: int = 4, sample: int = 1
             flat = params[i].detach().reshape(-1)
             stride = max(1, flat.numel() // sample)
             h.update(flat[::stride].float().cpu().numpy().tobytes())
-            h.update(repr(float(flat.double().sum())).encode())
+            h.update(repr(float(flat.sum(dtype=torch.float64))).encode())  # no float64 copy of the tensor
     return h.hexdigest()[:16]
 
 
