@@ -128,3 +128,16 @@ def test_every_preset_grid_resolves(tmp_path):
     for name in ("demo", "cpu-study", "gpu-study"):
         runs = run_configs(load_grid(name, None), tmp_path / name)
         assert len({(m, s) for m, s, _ in runs}) == len(runs) >= 6
+
+
+def test_a_method_may_run_fewer_seeds(tmp_path):
+    """Grid presets run the primary pair with more seeds than the other methods."""
+    from tokentrust.config import ConfigError
+
+    spec = {"preset": "tiny-arith", "seeds": [0, 1, 2],
+            "methods": ["dppo-tv", {"name": "pg-is", "seeds": [0, 1]}]}
+    runs = run_configs(spec, tmp_path)
+    assert [(n, s) for n, s, _ in runs] == [("dppo-tv", 0), ("dppo-tv", 1), ("dppo-tv", 2), ("pg-is", 0), ("pg-is", 1)]
+    assert runs[-1][2].algo.loss == "pg-is"  # the named METHODS entry, refined by its seeds
+    with pytest.raises(ConfigError, match=r"grid.methods\['pg-is'\].seeds"):
+        expand_methods([{"name": "pg-is", "seeds": []}])

@@ -67,11 +67,15 @@ GRID_PRESETS: dict[str, dict[str, Any]] = {
                               "av-batch-norm", "av-entropy-norm", "av-combined-norm", "av-freq-inverse"],
                   "seeds": [0, 1, 2], "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
                   "overrides": {"max_steps": 40, "task": {"eval_limit": 128, "eval_samples": 4}}},
-    # The study (issue 11), part 1: the primary pair in the stress regime with 8 seeds. ~25 min on 2 cores
-    # (2 workers). Later parts add the other methods, the dose-response grids and the control regime.
-    "stress-primary": {"preset": "tiny-arith-async", "methods": ["dppo-tv", "av-freq-norm"],
-                       "seeds": [0, 1, 2, 3, 4, 5, 6, 7], "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
-                       "overrides": {"max_steps": 40, "task": {"eval_limit": 128, "eval_samples": 4}}},
+    # The study (issue 11) in the stress regime, resumable in parts (finished runs are skipped):
+    # part 1, the primary pair with 8 seeds (~25 min on 2 cores, 2 workers); part 2, the inverse
+    # control, the no-region control and PPO with 4 seeds (~15 min). Further parts (the other
+    # methods, dose-response, the synchronous control regime) are still to come.
+    "stress-study": {"preset": "tiny-arith-async",
+                     "methods": ["dppo-tv", "av-freq-norm", *({"name": m, "seeds": [0, 1, 2, 3]}
+                                                             for m in ("av-freq-inverse", "pg-is", "ppo"))],
+                     "seeds": [0, 1, 2, 3, 4, 5, 6, 7], "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
+                     "overrides": {"max_steps": 40, "task": {"eval_limit": 128, "eval_samples": 4}}},
     # GPU: Qwen2.5-Math-1.5B on GSM8K; about 8 GPU-hours per run on one H100 (300 steps x 512 samples).
     "gpu-study": {"preset": "qwen-math-gsm8k",
                   "methods": ["ppo", "clip-higher", "dppo-tv", "dppo-kl", "dppo-topk-tv", "cppo", "drpo", "av-freq",
@@ -106,7 +110,8 @@ def load_grid(preset: str | None = None, file: str | None = None) -> dict[str, A
 
 
 def expand_methods(methods: list[Any]) -> dict[str, dict[str, Any]]:
-    """Method names (from METHODS) or {"name": ..., "algo": ..., "family": ...} dicts -> {name: entry}."""
+    """Method names (from METHODS) or {"name": ..., "algo": ..., "family": ..., "seeds": [...]} dicts ->
+    {name: entry}. A dict naming a METHODS entry without "algo" refines it (e.g. fewer seeds)."""
     out = {}
     for m in methods:
         if isinstance(m, str):
@@ -115,7 +120,12 @@ def expand_methods(methods: list[Any]) -> dict[str, dict[str, Any]]:
             out[m] = json.loads(json.dumps(METHODS[m]))
         elif isinstance(m, dict) and "name" in m:
             entry = {k: v for k, v in m.items() if k != "name"}
+            if "algo" not in entry and m["name"] in METHODS:
+                entry = deep_merge(json.loads(json.dumps(METHODS[m["name"]])), entry)
             entry.setdefault("family", "baseline")
+            seeds = entry.get("seeds")
+            if seeds is not None and not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
+                raise ConfigError(f"grid.methods[{m['name']!r}].seeds must be a non-empty list of integers, got {seeds!r}")
             out[m["name"]] = entry
         else:
             raise ConfigError(f"grid.methods entries must be names or {{'name': ..., 'algo': ...}}, got {m!r}")
@@ -128,10 +138,11 @@ def run_configs(spec: dict[str, Any], grid_dir: Path, overrides: dict[str, Any] 
     base = deep_merge(spec.get("overrides", {}), overrides or {})
     out = []
     for name, entry in methods.items():
-        run_over = json.loads(json.dumps({k: v for k, v in entry.items() if k not in ("family", "description")}))
+        run_over = json.loads(json.dumps({k: v for k, v in entry.items()
+                                          if k not in ("family", "description", "seeds")}))
         # a method without a schedule is plain fixed-threshold, whatever the base preset says
         run_over.setdefault("algo", {}).setdefault("thresholds", {"kind": "constant"})
-        for seed in spec["seeds"]:
+        for seed in entry.get("seeds", spec["seeds"]):
             over = deep_merge(deep_merge(base, run_over), {"seed": seed,
                                                            "out_dir": str(grid_dir / "runs" / name / f"seed_{seed}")})
             over.setdefault("log", {})["progress"] = False
