@@ -593,15 +593,16 @@ def samples_per_step(run_dir: str | os.PathLike) -> int | None:
         return None
 
 
-def summarize_run(run_dir: str | os.PathLike) -> dict[str, float]:
+def summarize_run(run_dir: str | os.PathLike, records: Sequence[Record] | None = None) -> dict[str, float]:
     """One flat dict of scalar metrics for a run directory.
 
-    Reads RUN_DIR/metrics.jsonl (stability/*, train/*, trust_region/*, perf/*) and, if present,
-    RUN_DIR/eval/results.json (eval/*, rare/*, coherence/*). `train/done` is 1.0 if RUN_DIR/DONE
-    exists. Stability metrics are computed on the raw per-step curves (see the functions above).
+    Reads RUN_DIR/metrics.jsonl (stability/*, train/*, trust_region/*, perf/*; pass `records`
+    when they are already loaded) and, if present, RUN_DIR/eval/results.json (eval/*, rare/*,
+    coherence/*). `train/done` is 1.0 if RUN_DIR/DONE exists. Stability metrics are computed on
+    the raw per-step curves (see the functions above).
     """
     d = Path(run_dir)
-    out = summarize_records(load_metrics(d), samples_per_step(d))
+    out = summarize_records(load_metrics(d) if records is None else records, samples_per_step(d))
     out["train/done"] = 1.0 if (d / "DONE").exists() else 0.0
     res = d / "eval" / "results.json"
     if res.exists():

@@ -164,7 +164,7 @@ def analyse(grid_dir: str | os.PathLike, baseline: str, alpha: float) -> GridDat
     if baseline not in runs:
         raise ValueError(f"baseline {baseline!r} has no runs under {g / 'runs'}; have {sorted(runs)}")
     records = {m: {s: load_metrics(p) for s, p in seeds.items()} for m, seeds in runs.items()}
-    summaries = {m: {s: summarize_run(p) for s, p in seeds.items()} for m, seeds in runs.items()}
+    summaries = {m: {s: summarize_run(p, records[m][s]) for s, p in seeds.items()} for m, seeds in runs.items()}
     problems = {m: {s: load_problems(p) for s, p in seeds.items()} for m, seeds in runs.items()}
     problems = {m: {s: v for s, v in seeds.items() if v} for m, seeds in problems.items()}
     plan = resolve_plan(grid, list(runs), baseline)
