@@ -53,6 +53,26 @@ METHODS["av-freq-inverse"] = {"algo": {**_AV, "delta": 0.15, "thresholds": {"kin
                                                                              "normalize": True}},
                               "family": "control", "description": "inverse control: beta -0.5 (tighter for rare tokens)"}
 
+_FOUR = [0, 1, 2, 3]
+_STRESS_OTHERS = ("av-freq-inverse", "pg-is", "ppo", "clip-higher", "dppo-kl", "cppo", "decoupled-ppo", "drpo",
+                  "av-freq", "av-batch-norm", "av-entropy-norm", "av-combined-norm")
+
+
+def _dose(name: str, delta: float, beta: float | None) -> dict[str, Any]:
+    """A dose-response cell: Binary-TV with threshold delta, frequency-normalised schedule with beta
+    (None: the fixed threshold)."""
+    thr = {"kind": "constant"} if beta is None else {"kind": "frequency", "beta": beta, "normalize": True}
+    what = "fixed threshold" if beta is None else f"frequency-normalised, beta {beta:g}"
+    return {"name": name, "algo": {**_AV, "delta": delta, "thresholds": thr}, "seeds": _FOUR,
+            "family": "dose", "description": f"dose-response: DPPO-TV delta {delta:g}, {what}"}
+
+
+# beta in {-1, -0.5, 0, 0.5, 1, 2} at delta 0.15 (-0.5 is av-freq-inverse, 0.5 av-freq-norm; beta 0 must
+# reproduce dppo-tv) and delta in {0.05, 0.1, 0.15, 0.3} for dppo-tv and av-freq-norm (beta 0.5).
+_DOSE = [_dose(f"av-beta{b:g}", 0.15, float(b)) for b in (-1, 0, 1, 2)] + \
+        [_dose(f"dppo-tv-delta{d:g}", d, None) for d in (0.05, 0.1, 0.3)] + \
+        [_dose(f"av-freq-norm-delta{d:g}", d, 0.5) for d in (0.05, 0.1, 0.3)]
+
 GRID_PRESETS: dict[str, dict[str, Any]] = {
     # README main job: the stress regime (stale rollouts, 16 updates per batch) where the trust regions
     # act; the no-region control next to PPO, DPPO and AV-DPPO. ~7 minutes on 2 cores (plus ~1 minute
@@ -67,15 +87,24 @@ GRID_PRESETS: dict[str, dict[str, Any]] = {
                               "av-batch-norm", "av-entropy-norm", "av-combined-norm", "av-freq-inverse"],
                   "seeds": [0, 1, 2], "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
                   "overrides": {"max_steps": 40, "task": {"eval_limit": 128, "eval_samples": 4}}},
-    # The study (issue 11) in the stress regime, resumable in parts (finished runs are skipped):
-    # part 1, the primary pair with 8 seeds (~25 min on 2 cores, 2 workers); part 2, the inverse
-    # control, the no-region control and PPO with 4 seeds (~15 min). Further parts (the other
-    # methods, dose-response, the synchronous control regime) are still to come.
+    # The study (issue 11) in the stress regime, in resumable parts of at most about an hour on 2 cores
+    # with 2 workers (`--part N`; finished runs are skipped, so the parts may run in any order):
+    # 1, the primary pair with 8 seeds; 2, the inverse control, the no-region control and PPO; 3, every
+    # other baseline and AV-DPPO schedule; 4, dose-response in beta and delta. 4 seeds per non-primary cell.
     "stress-study": {"preset": "tiny-arith-async",
-                     "methods": ["dppo-tv", "av-freq-norm", *({"name": m, "seeds": [0, 1, 2, 3]}
-                                                             for m in ("av-freq-inverse", "pg-is", "ppo"))],
-                     "seeds": [0, 1, 2, 3, 4, 5, 6, 7], "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
+                     "methods": ["dppo-tv", "av-freq-norm",
+                                 *({"name": m, "seeds": _FOUR} for m in _STRESS_OTHERS), *_DOSE],
+                     "seeds": list(range(8)), "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
+                     "parts": {"1": ["dppo-tv", "av-freq-norm"], "2": ["av-freq-inverse", "pg-is", "ppo"],
+                               "3": [m for m in _STRESS_OTHERS if m not in ("av-freq-inverse", "pg-is", "ppo")],
+                               "4": [d["name"] for d in _DOSE]},
                      "overrides": {"max_steps": 40, "task": {"eval_limit": 128, "eval_samples": 4}}},
+    # The control regime: the synchronous default (tiny-arith, 2 epochs x 2 minibatches, on-policy
+    # batches), same step count and evaluation as stress-study, 4 seeds.
+    "sync-study": {"preset": "tiny-arith",
+                   "methods": ["dppo-tv", "av-freq-norm", "ppo", "av-freq-inverse", "pg-is"],
+                   "seeds": _FOUR, "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
+                   "overrides": {"max_steps": 40, "task": {"eval_limit": 128, "eval_samples": 4}}},
     # GPU: Qwen2.5-Math-1.5B on GSM8K; about 8 GPU-hours per run on one H100 (300 steps x 512 samples).
     "gpu-study": {"preset": "qwen-math-gsm8k",
                   "methods": ["ppo", "clip-higher", "dppo-tv", "dppo-kl", "dppo-topk-tv", "cppo", "drpo", "av-freq",
@@ -97,9 +126,10 @@ def load_grid(preset: str | None = None, file: str | None = None) -> dict[str, A
     else:
         spec = load_file(file)
         spec.setdefault("name", Path(file).stem)
-    unknown = set(spec) - {"name", "preset", "config", "methods", "seeds", "overrides", "primary"}
+    unknown = set(spec) - {"name", "preset", "config", "methods", "seeds", "overrides", "primary", "parts"}
     if unknown:
-        raise ConfigError(f"unknown grid key(s) {sorted(unknown)}; known: preset, config, methods, seeds, overrides, primary")
+        raise ConfigError(f"unknown grid key(s) {sorted(unknown)}; known: preset, config, methods, seeds, overrides, "
+                          "primary, parts")
     if not spec.get("methods"):
         raise ConfigError("grid.methods must list at least one method")
     if not isinstance(spec.get("primary", {}), dict):
@@ -107,6 +137,20 @@ def load_grid(preset: str | None = None, file: str | None = None) -> dict[str, A
     if not spec.get("seeds") or not all(isinstance(s, int) for s in spec["seeds"]):
         raise ConfigError(f"grid.seeds must be a non-empty list of integers, got {spec.get('seeds')}")
     return spec
+
+
+def part_methods(spec: dict[str, Any], part: str | None) -> set[str] | None:
+    """The method names of grid part ``part`` (None: the whole grid)."""
+    if part is None:
+        return None
+    parts = spec.get("parts") or {}
+    if str(part) not in parts:
+        raise ConfigError(f"grid {spec.get('name')!r} has no part {part!r}; parts: {', '.join(parts) or 'none'}")
+    names = set(parts[str(part)])
+    unknown = names - set(expand_methods(spec["methods"]))
+    if unknown:
+        raise ConfigError(f"grid.parts[{part!r}] names methods not in grid.methods: {sorted(unknown)}")
+    return names
 
 
 def expand_methods(methods: list[Any]) -> dict[str, dict[str, Any]]:
@@ -235,8 +279,9 @@ def _run_state(record: dict[str, Any], max_steps: int) -> str:
 
 
 def run_grid(spec: dict[str, Any], grid_dir: str | Path, *, workers: int = 1, overrides: dict[str, Any] | None = None,
-             command: str = "", build_report: bool = True, quiet: bool = False) -> Path:
-    """Run (or finish) every run of the grid, then write the report.
+             command: str = "", build_report: bool = True, quiet: bool = False, part: str | None = None) -> Path:
+    """Run (or finish) every run of the grid (or of its part ``part``), then write the report over all
+    finished runs. grid.json always describes the whole grid.
 
     Progress (unless ``quiet``): an overall bar over all RL steps with ETA and the newest running run's
     step, reward and kept fraction on a terminal; otherwise a line per run start and end and a status
@@ -249,15 +294,18 @@ def run_grid(spec: dict[str, Any], grid_dir: str | Path, *, workers: int = 1, ov
     atomic_write_json(grid_dir / "grid.json", {
         "name": spec.get("name"), "command": command, "seeds": spec["seeds"],
         **({"primary": spec["primary"]} if "primary" in spec else {}),
+        **({"parts": spec["parts"]} if "parts" in spec else {}),
         "methods": {n: {"family": e.get("family", "baseline"), "description": e.get("description", ""),
                         **e.get("algo", {})} for n, e in methods.items()},
         "config": {"preset": spec.get("preset"), "config": spec.get("config"),
                    "overrides": deep_merge(spec.get("overrides", {}), overrides or {})},
         "resolved_example": runs[0][2].to_dict() if runs else {},
     })
-    todo = [(n, s, c, run_status(Path(c.out_dir))) for n, s, c in runs]
+    selected = part_methods(spec, part)
+    todo = [(n, s, c, run_status(Path(c.out_dir))) for n, s, c in runs if selected is None or n in selected]
     pending = [t for t in todo if t[3] != "done"]
-    print(f"grid {spec.get('name')}: {len(runs)} runs, {len(runs) - len(pending)} already done, "
+    print(f"grid {spec.get('name')}{'' if part is None else f' part {part}'}: {len(todo)} runs, "
+          f"{len(todo) - len(pending)} already done, "
           f"{len(pending)} to run with {workers} worker(s)", flush=True)
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     failures = []

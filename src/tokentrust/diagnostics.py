@@ -146,6 +146,32 @@ def mismatch_metrics(behavior_logp: torch.Tensor, old_logp: torch.Tensor, mask: 
     return {f"mismatch/{k}": v for k, v in out.items()}
 
 
+@torch.no_grad()
+def mechanism_metrics(rarity: torch.Tensor, behavior_logp: torch.Tensor, mask: torch.Tensor,
+                      buckets: torch.Tensor, num_buckets: int) -> dict[str, float]:
+    """How much of a token's corpus rarity its in-context probability mu already carries.
+
+    Binary-TV masks |pi - mu| > delta, i.e. a ratio window of width ~delta / mu, so improbable tokens
+    get a wide window whatever their corpus frequency. ``mechanism/corr_rarity_neglogmu`` is the
+    Pearson correlation over the batch's valid non-special tokens between corpus rarity and -log mu;
+    its square is the share of rarity's variance that mu explains (the rest is what a frequency
+    schedule adds). ``mechanism/mu_mean/bucket_<i>`` is the mean mu per frequency bucket (NaN where
+    empty). ``rarity``, ``buckets``: per response token, [N, T]; special tokens should be masked out.
+    """
+    m = mask.bool()
+    x = rarity[m].double()
+    y = -behavior_logp.float()[m].clamp(max=30.0).double()
+    out: dict[str, float] = {}
+    if x.numel() > 1 and float(x.std()) > 0 and float(y.std()) > 0:
+        out["mechanism/corr_rarity_neglogmu"] = float(torch.corrcoef(torch.stack([x, y]))[0, 1])
+    b = buckets[m]
+    count = torch.bincount(b, minlength=num_buckets).double()
+    mean_mu = (torch.bincount(b, weights=(-y).exp(), minlength=num_buckets) / count).tolist()
+    for i, v in enumerate(mean_mu):
+        out[f"mechanism/mu_mean/bucket_{i}"] = v
+    return out
+
+
 class EpochStats:
     """Masked fraction and mean |pi - mu| per PPO epoch: overall, by advantage sign, by frequency bucket.
 

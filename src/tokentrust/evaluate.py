@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from tokentrust import metrics as M
+from tokentrust.eval_metrics import task_results
 from tokentrust.prompting import format_prompt
 from tokentrust.runlog import Progress, atomic_write_json, atomic_write_text
 
@@ -91,6 +92,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: Any, *, out_dir: str 
         "temperature": temperature, "max_new_tokens": max_new_tokens,
     }
     responses = [r for _, r, _ in sample_rows]
+    info = None
     n_tokens = sum(len(r) for r in responses)
     results["mean_length"] = n_tokens / max(len(responses), 1)
     for n in (1, 2, 3):
@@ -104,6 +106,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: Any, *, out_dir: str 
         # rare: beyond 95% of the corpus token mass or unseen; special tokens (EOS, ...) never count
         results["rare_share"] = float(info.rare[flat].float().mean()) if flat else float("nan")
         results["distinct_rare_per_1k"] = M.distinct_rare_per_1k(flat, info.rare)
+    results.update(task_results(task, [ex.answer for ex in examples], greedy_ok, sample_ok, responses, info))
     if reference is not None:
         keep = [i for i, r in enumerate(responses) if r]
         if keep:
@@ -118,7 +121,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: Any, *, out_dir: str 
         for i, ex in enumerate(examples):
             rows = sample_rows[i * samples:(i + 1) * samples]
             lines.append(json.dumps({
-                "id": ex.id, "question": ex.question, "gold": ex.answer,
+                "id": ex.id, "question": ex.question, "gold": ex.answer, "answer_class": task.answer_class(ex.answer),
                 "greedy": greedy_rows[i][2], "greedy_correct": bool(greedy_ok[i]),
                 "greedy_token_ids": greedy_rows[i][1],
                 "samples": [r[2] for r in rows], "samples_correct": [bool(c) for c in sample_ok[i]],

@@ -490,6 +490,7 @@ _EVAL_RENAMES = {
     "k": "eval/k",
     "n": "eval/n",
     "coherence_nll": "coherence/nll",
+    "garbage_share": "coherence/garbage_share",
     "rare_share": "rare/share_rare",
     "distinct_rare_per_1k": "rare/distinct_rare_per_1k",
     "distinct_1": "rare/distinct_1",

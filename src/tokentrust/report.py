@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from tokentrust import report_plots as plots
+from tokentrust import report_study as study
 from tokentrust.inference import PairedResult, mean_interval, min_signflip_p
 from tokentrust.metrics import load_metrics, read_jsonl, summarize_run
 from tokentrust.verdicts import (
@@ -71,7 +72,10 @@ KEY_METRICS: tuple[tuple[str, int], ...] = (
     ("rare/share_rare", +1),
     ("rare/distinct_rare_per_1k", +1),
     ("rare/distinct_2", +1),
+    ("eval/acc_rare_answer", +1),
+    ("eval/acc_common_answer", +1),
     ("coherence/nll", -1),
+    ("coherence/garbage_share", -1),
     ("trust_region/kept_frac", 0),
 )
 ARROW = {1: "↑", -1: "↓", 0: ""}
@@ -170,7 +174,9 @@ def analyse(grid_dir: str | os.PathLike, baseline: str, alpha: float) -> GridDat
     plan = resolve_plan(grid, list(runs), baseline)
     verdicts = evaluate_hypotheses(summaries, problems, plan, alpha)
     primary = {(m, b, h.primary[0]) for h in HYPOTHESES for k, (m, b) in plan.comparisons.items() if k == h.key}
-    secondary = secondary_tests(summaries, problems, list(runs), baseline, primary, alpha=alpha)
+    # dose-response cells are judged by their trend (report_study), not by pairwise tests
+    pairwise = [m for m in runs if grid.get("methods", {}).get(m, {}).get("family") != "dose"]
+    secondary = secondary_tests(summaries, problems, pairwise, baseline, primary, alpha=alpha)
     return GridData(g, grid, runs, records, summaries, problems, baseline, alpha, plan, verdicts, secondary)
 
 
@@ -567,6 +573,10 @@ def build_report(
         *section_runs(d),
         *section_summary(d),
         *section_buckets(d),
+        *study.section_mechanism(d),
+        *study.section_masked_tokens(d),
+        *study.section_windows(d),
+        *study.section_dose(d),
         *section_plots(d),
         DEFINITIONS,
     ]

@@ -128,3 +128,35 @@ def plot_forest(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
+
+
+def plot_dose(
+    panels: dict[str, dict[str, list[tuple[float, float, float, float]]]],
+    xlabel: str,
+    path: Path,
+) -> Path | None:
+    """One panel per metric; per series the mean with its interval at each dose.
+
+    `panels`: {metric: {series: [(dose, mean, lo, hi)]}}."""
+    panels = {k: v for k, v in panels.items() if any(v.values())}
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4.0 * cols, 3.3 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (metric, series) in zip(axes, panels.items()):
+        for label, pts in series.items():
+            x = np.array([p[0] for p in pts])
+            c, lo, hi = (np.array([p[i] for p in pts], dtype=np.float64) for i in (1, 2, 3))
+            err = np.nan_to_num(np.vstack([c - lo, hi - c]), nan=0.0).clip(min=0)
+            ax.errorbar(x, c, yerr=err, marker="o", capsize=3, label=label)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path

@@ -27,6 +27,7 @@ import torch
 from tokentrust import checkpoint as ckpt
 from tokentrust.collector import BatchPipeline, Collector, ScoredBatch, group_advantages, token_tables  # noqa: F401
 from tokentrust.config import RunConfig
+from tokentrust.diagnostics import mechanism_metrics
 from tokentrust.learner import Learner, NonFiniteError  # noqa: F401  (NonFiniteError: part of this module's API)
 from tokentrust.rollout.weights import RolloutWeights
 from tokentrust.runlog import JsonlWriter, Progress, Trackers, atomic_write_json, read_jsonl, truncate_jsonl
@@ -34,6 +35,20 @@ from tokentrust.vocab import FrequencyTable, TokenInfo
 
 TIMING_PHASES = ("generate", "score", "forward_backward", "loss", "other")
 NONDETERMINISTIC_KEYS = ("timing/", "perf/")  # wall-clock fields: differ between identical runs
+
+
+def task_options(cfg: RunConfig) -> dict[str, Any]:
+    """``get_task`` keyword arguments of a run's task.
+
+    arith's problem set comes from task.options.seed (default 0), not the run seed: runs with
+    different seeds must train and evaluate on the same problems (and share one warm start)."""
+    t = cfg.task
+    opts = dict(t.options)
+    if t.name in ("gsm8k", "math500"):
+        if t.data_dir is not None:
+            opts["data_dir"] = t.data_dir
+        opts.setdefault("on_bad_line", t.on_bad_line)
+    return opts
 
 
 def select_device(name: str) -> torch.device:
@@ -87,15 +102,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ set-up
 
     def _task_options(self) -> dict[str, Any]:
-        t = self.cfg.task
-        opts = dict(t.options)
-        if t.name in ("gsm8k", "math500"):
-            if t.data_dir is not None:
-                opts["data_dir"] = t.data_dir
-            opts.setdefault("on_bad_line", t.on_bad_line)
-        # arith's problem set comes from task.options.seed (default 0), not the run seed: runs with
-        # different seeds must train and evaluate on the same problems (and share one warm start).
-        return opts
+        return task_options(self.cfg)
 
     def _frequency_table(self) -> FrequencyTable:
         from tokentrust.policy import frequency_table_for
@@ -239,6 +246,9 @@ class Trainer:
         rare = ids[self.tokens.rare[ids]]
         rec["rare/distinct_rare_per_1k"] = 1000.0 * len(torch.unique(rare)) / max(n_tok, 1)
         rec["rare/share"] = len(rare) / max(n_tok, 1)
+        plain = mask & ~self.tokens.special[b.response_ids]
+        rec.update(mechanism_metrics(self.tokens.rarity[b.response_ids], b.behavior_logp, plain,
+                                     self.tokens.bucket[b.response_ids], self.tokens.num_buckets))
         rec.update(metrics)
         for k, v in timings.items():
             rec[f"timing/{k}_s"] = v

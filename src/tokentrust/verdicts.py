@@ -72,7 +72,7 @@ HYPOTHESES: tuple[Hypothesis, ...] = (
         "rare-token utility",
         "AV-DPPO generates a larger share of rare tokens without lower accuracy",
         ("rare/share_rare", +1),
-        (("rare/distinct_rare_per_1k", +1),),
+        (("rare/distinct_rare_per_1k", +1), ("eval/acc_rare_answer", +1)),
         guard=("eval/greedy_pass@1", +1),
     ),
     Hypothesis(
@@ -80,6 +80,7 @@ HYPOTHESES: tuple[Hypothesis, ...] = (
         "coherence",
         "AV-DPPO generations are not less coherent (NLL under the initial model)",
         ("coherence/nll", -1),
+        (("coherence/garbage_share", -1),),
     ),
 )
 

@@ -21,6 +21,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--workers", type=int, default=1, help="runs in parallel (threads are split between them)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of every run, e.g. --set max_steps=10")
+    p.add_argument("--part", default=None, help="run only this part of the grid (its 'parts' key); the report "
+                   "still covers every finished run")
     p.add_argument("--quiet", action="store_true", help="no progress output (the summary lines stay)")
     p.add_argument("--list-methods", action="store_true", help="print the available methods and exit")
     p.set_defaults(func=run)
@@ -40,5 +42,5 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or f"runs/compare-{spec['name']}"
     command = "tokentrust " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     run_grid(spec, out, workers=args.workers, overrides=parse_set(args.overrides), command=command,
-             quiet=args.quiet)
+             quiet=args.quiet, part=args.part)
     return 0

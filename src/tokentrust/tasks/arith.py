@@ -99,6 +99,18 @@ def _cum(n: int) -> list[float]:
 
 _NAME_CUM, _OBJ_CUM, _MEAS_CUM = _cum(len(NAMES)), _cum(len(OBJECTS)), _cum(len(MEASURES))
 
+# An answer word is "rare" when the words before it in its Zipf list already hold this share of the
+# list's sampling mass: the tail the sampler rarely draws, so training sees it rarely too.
+RARE_ANSWER_MASS = 0.8
+
+
+def _tail_words(pairs: list[tuple[str, str]], cum: list[float]) -> set[str]:
+    return {w for (s, p), before in zip(pairs, [0.0, *cum[:-1]]) if before >= RARE_ANSWER_MASS * cum[-1]
+            for w in (s, p)}
+
+
+RARE_ANSWER_WORDS = _tail_words(OBJECTS, _OBJ_CUM) | _tail_words([(s, p) for s, p, _ in MEASURES], _MEAS_CUM)
+
 
 def _bucket(question: str) -> int:
     return hashlib.sha1(question.encode()).digest()[0] % 16
@@ -177,6 +189,14 @@ class Arith(Task):
     def _load(self, split: str) -> list[Example]:
         n = self.num_train if split == "train" else self.num_test
         return [self.generate(split, i) for i in range(n)]
+
+    def answer_class(self, gold: str) -> str | None:
+        """"rare" when the gold answer's unit word lies in the tail of its Zipf list (RARE_ANSWER_MASS),
+        else "common"; None for a gold string without a known unit word."""
+        word = gold.strip().partition(" ")[2].strip().lower()
+        if word not in UNIT_WORDS:
+            return None
+        return "rare" if word in RARE_ANSWER_WORDS else "common"
 
     # ------------------------------------------------------------------ prompt / verify
     def prompt(self, example: Example) -> str:

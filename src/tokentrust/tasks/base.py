@@ -83,6 +83,11 @@ class Task(ABC):
     def _check(self, completion: str, example: Example) -> tuple[bool, bool, str | None]:
         """(correct, format_ok, pred) for one completion."""
 
+    def answer_class(self, gold: str) -> str | None:
+        """"rare" or "common" for tasks whose answers need a word of graded frequency (the gold answer
+        string in, as problems.jsonl stores it); None where the task has no such notion."""
+        return None
+
     @abstractmethod
     def sft_text(self, example: Example) -> str:
         """A worked solution in exactly the answer format the verifier expects."""

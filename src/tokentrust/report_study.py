@@ -1,0 +1,224 @@
+"""Study sections of a grid report: dose-response trends, the rarity-vs-mu mechanism, the most-masked
+tokens per method and reward by step window (why the step count suffices).
+
+Dose-response cells are recognised from grid.json's method descriptions (loss, delta, thresholds),
+not from their names: a series of Binary-TV methods that differ only in beta (frequency-normalised
+schedule, delta 0.15) or only in delta (fixed threshold, or the schedule at beta 0.5). A trend is
+judged by the slope of the metric on the dose with seed fixed effects (every dose runs the same
+seeds, so the slope is estimated within seeds), Holm-corrected across series x metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from tokentrust import report_plots as plots
+from tokentrust.inference import adjust, mean_interval
+
+DOSE_METRICS: tuple[tuple[str, int], ...] = (
+    ("eval/greedy_pass@1", +1),
+    ("train/reward_last10", +1),
+    ("stability/reward_noise_norm", -1),
+    ("eval/acc_rare_answer", +1),
+    ("rare/share_rare", +1),
+    ("coherence/garbage_share", -1),
+    ("trust_region/kept_frac", 0),
+)
+BASE_DELTA, AV_BETA = 0.15, 0.5
+WINDOW = 10
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+# ------------------------------------------------------------------------------ dose-response
+
+def dose_series(methods: dict[str, dict[str, Any]]) -> dict[str, list[tuple[float, str]]]:
+    """{series label: [(dose, method)] sorted by dose} for series of at least 3 doses."""
+    beta, delta_fixed, delta_av = {}, {}, {}
+    for name, m in methods.items():
+        if m.get("loss") != "dppo-tv" or m.get("delta") is None:
+            continue
+        th = m.get("thresholds") or {"kind": "constant"}
+        delta = float(m["delta"])
+        if th.get("kind", "constant") == "constant":
+            delta_fixed.setdefault(delta, name)
+        elif th.get("kind") == "frequency" and th.get("normalize"):
+            if delta == BASE_DELTA:
+                beta.setdefault(float(th.get("beta", 0.0)), name)
+            if float(th.get("beta", 0.0)) == AV_BETA:
+                delta_av.setdefault(delta, name)
+    if 0.0 not in beta and BASE_DELTA in delta_fixed:  # beta 0 is the fixed threshold
+        beta[0.0] = delta_fixed[BASE_DELTA]
+    series = {"beta (frequency-normalised, delta 0.15)": beta, "delta, fixed threshold (dppo-tv)": delta_fixed,
+              f"delta, frequency-normalised beta {AV_BETA:g}": delta_av}
+    return {k: sorted(v.items()) for k, v in series.items() if len(v) >= 3}
+
+
+def trend(points: list[tuple[float, Any, float]]) -> tuple[float, float, float, float]:
+    """Slope of y on x with seed fixed effects: (slope, lo, hi, p) at 95%; points = (x, seed, y)."""
+    pts = [(x, s, y) for x, s, y in points if math.isfinite(y)]
+    seeds = sorted({s for _, s, _ in pts}, key=str)
+    if len(pts) < len(seeds) + 2 or len({x for x, _, _ in pts}) < 2:
+        return (math.nan,) * 4
+    X = np.array([[x] + [float(s == t) for t in seeds] for x, s, _ in pts])
+    y = np.array([p[2] for p in pts])
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    df = len(y) - np.linalg.matrix_rank(X)
+    resid = y - X @ coef
+    sigma2 = float(resid @ resid) / df
+    cov = sigma2 * np.linalg.pinv(X.T @ X)
+    se = math.sqrt(max(cov[0, 0], 0.0))
+    if se == 0.0:
+        return float(coef[0]), float(coef[0]), float(coef[0]), math.nan
+    t = stats.t.ppf(0.975, df)
+    p = 2 * stats.t.sf(abs(coef[0]) / se, df)
+    return float(coef[0]), float(coef[0] - t * se), float(coef[0] + t * se), float(p)
+
+
+def section_dose(d: Any) -> list[str]:
+    series = dose_series(d.grid.get("methods", {}))
+    series = {k: [(x, m) for x, m in v if m in d.summaries] for k, v in series.items()}
+    series = {k: v for k, v in series.items() if len(v) >= 3}
+    if not series:
+        return []
+    keys = [(k, dirn) for k, dirn in DOSE_METRICS if k in set(d.metric_keys)]
+    tests = []
+    for label, cells in series.items():
+        for k, _ in keys:
+            pts = [(x, s, v[k]) for x, m in cells for s, v in d.summaries[m].items() if k in v]
+            tests.append((label, k, trend(pts)))
+    p_holm = adjust([t[2][3] for t in tests], "holm")
+    out = ["## Dose-response",
+           "Each series varies one knob of Binary-TV with everything else fixed. Cells: mean over seeds "
+           "[95% t-interval]. Trend: slope of the metric per unit of dose, with seed fixed effects, "
+           f"95% interval and Holm-adjusted p across the {len(tests)} series x metric tests."]
+    for label, cells in series.items():
+        rows = []
+        for k, dirn in keys:
+            vals = [mean_interval([v[k] for v in d.summaries[m].values() if k in v]) for _, m in cells]
+            slope, lo, hi, _ = next(t[2] for t in tests if t[0] == label and t[1] == k)
+            ph = next(float(p) for t, p in zip(tests, p_holm) if t[0] == label and t[1] == k)
+            arrow = {1: " ↑", -1: " ↓", 0: ""}[dirn]
+            rows.append([f"{k}{arrow}", *[f"{_fmt(c)} [{_fmt(a)}, {_fmt(b)}]" for c, a, b in vals],
+                         f"{_fmt(slope, 4)} [{_fmt(lo, 4)}, {_fmt(hi, 4)}]", _fmt(ph)])
+        head = ["metric", *[f"{x:g} (`{m}`, n={len(d.summaries[m])})" for x, m in cells], "slope [95%]", "p (Holm)"]
+        out.append(f"**{label}**\n\n" + _table(head, rows))
+    pdir = d.path / "plots"
+    pdir.mkdir(exist_ok=True)
+    for name, pick in (("dose_beta", "beta"), ("dose_delta", "delta")):
+        panels = {k: {label: [(x, *mean_interval([v[k] for v in d.summaries[m].values() if k in v]))
+                              for x, m in cells]
+                      for label, cells in series.items() if label.startswith(pick)} for k, _ in keys}
+        path = plots.plot_dose(panels, pick, pdir / f"{name}.png")
+        if path is not None:
+            out.append(f"Metric vs {pick} (mean over seeds, 95% t-interval)\n\n![{name}](plots/{path.name})")
+    return out
+
+
+# ---------------------------------------------------------------------------------- mechanism
+
+def section_mechanism(d: Any) -> list[str]:
+    """Correlation of corpus rarity with -log mu and the mean mu per bucket, per method."""
+    key = "mechanism/corr_rarity_neglogmu"
+    rows = []
+    for m, seeds in d.records.items():
+        per_seed = [float(np.mean(v)) for recs in seeds.values()
+                    if (v := [r[key] for r in recs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])])]
+        if not per_seed:
+            continue
+        r = float(np.mean(per_seed))
+        mus = []
+        for i in range(16):
+            k = f"mechanism/mu_mean/bucket_{i}"
+            vals = [r_[k] for recs in seeds.values() for r_ in recs
+                    if isinstance(r_.get(k), (int, float)) and math.isfinite(r_[k])]
+            mus.append(_fmt(float(np.mean(vals))) if vals else None)
+        while mus and mus[-1] is None:
+            mus.pop()
+        rows.append([f"`{m}`", str(len(per_seed)), _fmt(r), _fmt(r * r), _fmt(1 - r * r),
+                     " / ".join(x or "n/a" for x in mus)])
+    if not rows:
+        return []
+    return ["## Mechanism: how much of corpus rarity the in-context probability already carries",
+            "Binary-TV masks |pi - mu| > delta, a ratio window of about delta / mu: improbable tokens already "
+            "get a wide window whatever their corpus frequency. Per step, the Pearson correlation r between "
+            "a token's corpus rarity and -log mu over the batch (special tokens excluded); r² is the share "
+            "of rarity's variance that mu explains, 1 - r² the part only a frequency schedule adds. Mean "
+            "over steps, then seeds; mean mu per bucket (most frequent first, then unseen).",
+            _table(["method", "seeds", "r", "r²", "1 - r²", "mean mu per bucket"], rows)]
+
+
+def section_masked_tokens(d: Any, top: int = 8) -> list[str]:
+    """The tokens each method's region masks most, summed over seeds (masked_tokens.json)."""
+    rows = []
+    for m, seeds in d.runs.items():
+        masked: dict[int, list] = {}
+        total = 0
+        for run in seeds.values():
+            p = Path(run) / "masked_tokens.json"
+            if not p.exists():
+                continue
+            data = json.loads(p.read_text(encoding="utf-8"))
+            total += int(data.get("masked_total", 0))
+            for t in data.get("top", []):
+                e = masked.setdefault(t["id"], [t.get("text", str(t["id"])), 0, 0])
+                e[1] += t["masked"]
+                e[2] += t["seen"]
+        if not masked or total == 0:
+            continue
+        best = sorted(masked.values(), key=lambda e: -e[1])[:top]
+        cells = ", ".join(f"`{json.dumps(text)[1:-1] or ' '}` {100 * k / total:.0f}% ({100 * k / max(n, 1):.1f}%)"
+                          for text, k, n in best)
+        rows.append([f"`{m}`", str(total), cells])
+    if not rows:
+        return []
+    return ["## Most-masked tokens per method",
+            "Summed over seeds from each run's masked_tokens.json (counted per loss call, i.e. per PPO epoch): "
+            "token, its share of all masked tokens, and in parentheses the share of its occurrences masked.",
+            _table(["method", "masked", f"top {top} tokens"], rows)]
+
+
+# ------------------------------------------------------------------------------ step windows
+
+def section_windows(d: Any) -> list[str]:
+    """Mean training reward per window of WINDOW steps: when the curves separate."""
+    rows, n_win = [], 0
+    for m, seeds in d.records.items():
+        per = []
+        for recs in seeds.values():
+            steps = np.array([r["step"] for r in recs if isinstance(r.get("reward/mean"), (int, float))])
+            vals = np.array([r["reward/mean"] for r in recs if isinstance(r.get("reward/mean"), (int, float))])
+            if steps.size:
+                per.append([float(vals[(steps > w * WINDOW) & (steps <= (w + 1) * WINDOW)].mean())
+                            if ((steps > w * WINDOW) & (steps <= (w + 1) * WINDOW)).any() else math.nan
+                            for w in range(int(steps.max() - 1) // WINDOW + 1)])
+        if per:
+            n_win = max(n_win, max(len(p) for p in per))
+            rows.append((m, per))
+    if not rows:
+        return []
+    table = []
+    for m, per in rows:
+        cells = []
+        for w in range(n_win):
+            vals = [p[w] for p in per if w < len(p) and math.isfinite(p[w])]
+            cells.append(_fmt(float(np.mean(vals))) if vals else "n/a")
+        table.append([f"`{m}`", *cells])
+    head = ["method", *[f"steps {w * WINDOW + 1}-{(w + 1) * WINDOW}" for w in range(n_win)]]
+    return ["## Training reward by step window (mean over seeds)",
+            "Where the methods' curves separate, and whether they have by the last window.",
+            _table(head, table)]
