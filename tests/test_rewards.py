@@ -67,5 +67,5 @@ def test_verl_compute_score_signature(tmp_path):
                 assert got == {"score": want.reward, "acc": float(want.correct), "format_ok": float(want.format_ok)}
     # verl's own GSM8K preprocessing (data_source openai/gsm8k, bare gold, no options: strict format)
     got = [compute_score("openai/gsm8k", text, "1234", {"split": "train", "index": 0})["score"]
-           for text in ("#### 1,234", "The answer is 1234", "#### 1235")]
-    assert got == [1.0, 0.0, 0.0]
+           for text in ("#### 1,234", "The answer is 1234", "we get 1234", "#### 1235")]
+    assert got == [1.0, 1.0, 0.0, 0.0]

@@ -53,7 +53,7 @@ def test_gsm8k_local_examples_prompt_and_sft(gsm_dir):
     assert ex[0].id == "gsm8k-train-00000" and ex[0].question == GSM_ROWS[0]["question"]
     assert len(task.examples("test")) == 1
     p = task.prompt(ex[0])
-    assert p.endswith(GSM_ROWS[0]["question"]) and "####" in p
+    assert p.startswith(GSM_ROWS[0]["question"]) and '"The answer is N."' in p
     assert task.chat(ex[0]) == [{"role": "user", "content": p}]
     assert task.sft_text(ex[0]) == "Tom has 3 + 1231 = 1234 apples.\n#### 1234"
     assert task.sft_text(ex[1]) == "5 * 2 = $10.\n#### 10"
@@ -69,7 +69,8 @@ def test_gsm8k_local_examples_prompt_and_sft(gsm_dir):
     ("#### 1234.0 apples.", True, True),
     ("#### 1235", False, True),
     ("#### 1234\nactually\n#### 1235", False, True),
-    ("the answer is 1234", False, False),
+    ("the answer is 1234", True, True),  # the phrase the prompt asks for
+    ("so it is 1234", False, False),
     ("", False, False),
 ])
 def test_gsm8k_score(gsm_dir, completion, correct, format_ok):
@@ -84,8 +85,8 @@ def test_gsm8k_answer_fallback(gsm_dir):
     ex = get_task("gsm8k", data_dir=gsm_dir).examples("train")[0]
     strict = get_task("gsm8k", data_dir=gsm_dir)
     loose = get_task("gsm8k", data_dir=gsm_dir, answer_fallback=True, format_reward=0.5)
-    assert strict.score("the answer is 1234", ex) == Score(0.0, False, False, None)
-    assert loose.score("the answer is 1234", ex) == Score(1.0, True, False, "1234")
+    assert strict.score("we get 1234 in the end", ex) == Score(0.0, False, False, None)
+    assert loose.score("we get 1234 in the end", ex) == Score(1.0, True, False, "1234")
     assert strict.score(None, ex) == Score(0.0, False, False, None)  # type: ignore[arg-type]
 
 

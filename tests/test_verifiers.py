@@ -79,6 +79,22 @@ def test_numbers_equal(a, b, want):
     assert numbers_equal(b, a) is want
 
 
+@pytest.mark.parametrize("text, want", [
+    ("So, the answer is 2 bolts of white fiber.", "2"),
+    ("The final answer is: $40,000", "40000"),
+    ("The answer is **18**.", "18"),
+    ("The ANSWER IS (7)", "7"),
+    ("The answer is 3. Wait, no: the answer is 4.", "4"),  # the last phrase wins
+    ("#### 5\nThe answer is 6", "5"),  # #### first
+    ("\\boxed{9} and the answer is 8", "9"),  # then \boxed
+    ("the answer is unclear, 12 maybe", None),
+    ("The answer is\n\n\n\n\n\n\n\n\n\n12", None),  # the number must follow on the same line
+])
+def test_answer_is_phrase(text, want):
+    """Small instruct models end with "The answer is N" by habit: the third rule reads it."""
+    assert extract_gsm8k_answer(text) == want
+
+
 def test_parse_number_values():
     from fractions import Fraction
     assert parse_number("1,234.50") == Fraction(246_9, 2)
@@ -89,6 +105,7 @@ def test_parse_number_values():
 
 @pytest.mark.parametrize("text, want", [
     ("#### 5", "####"), ("\\boxed{5}", "boxed"), ("5", None), ("#### x", None), ("\\boxed{}", None),
+    ("So the answer is 5 apples.", "answer is"), ("the answer is unclear", None),
 ])
 def test_answer_format(text, want):
     assert answer_format(text) == want

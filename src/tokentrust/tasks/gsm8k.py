@@ -9,10 +9,10 @@ from tokentrust.tasks.base import Example, Task
 from tokentrust.tasks.io import load_rows
 from tokentrust.verifiers.numeric import answer_format, extract_gsm8k_answer, numbers_equal, parse_number
 
-PROMPT = (
-    "Solve the following math problem step by step. "
-    'Write the final answer on the last line as "#### N", where N is a number.\n\n{question}'
-)
+# The phrase SmolLM2-135M-Instruct writes by itself. Asked for "#### N" it wrote no "#### <number>" in
+# 16 test problems (3 copied "#### N" literally; 7 ended "the answer is <number>" anyway); asked for this
+# sentence, 14 of 16 ended with it (docs/results/smollm2-baseline). "#### N" and \\boxed{} still win.
+PROMPT = '{question}\nSolve it step by step. Finish with the sentence "The answer is N." where N is the final number.'
 _CALC = re.compile(r"<<[^<>]*>>")
 
 

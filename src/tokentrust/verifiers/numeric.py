@@ -1,11 +1,12 @@
 """GSM8K-style numeric answers: extract the final number from a completion and compare exactly.
 
 Rules (see docs/tasks.md): the number after the LAST ``####`` wins; if that marker has no number
-after it, or there is none, the last ``\\boxed{...}``; then, only when asked, the last number in the
-text. Commas, ``$``, a leading ``+``, trailing words/units and a trailing period are dropped;
-numbers compare as exact rationals (``17.0 == 17``, ``0.5 == 1/2``). Only ASCII digits count. Only
-the last `TAIL_CHARS` characters are scanned and every pattern is linear, so megabyte inputs are
-cheap.
+after it, or there is none, the last ``\\boxed{...}``; then the number after the last "answer is"
+("The answer is 18.", "the final answer is: $18", the phrase small instruct models write on their
+own); then, only when asked, the last number in the text. Commas, ``$``, a leading ``+``, trailing
+words/units and a trailing period are dropped; numbers compare as exact rationals (``17.0 == 17``,
+``0.5 == 1/2``). Only ASCII digits count. Only the last `TAIL_CHARS` characters are scanned and
+every pattern is linear, so megabyte inputs are cheap.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ _NUM_LEAD = _SIGN + r"(?P<int>[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+|(?=\.[0-9]))" + _R
 _NUM_RE = re.compile(_NUM)
 _NUM_LEAD_RE = re.compile(_NUM_LEAD)
 _AFTER_HASH_RE = re.compile(r"\s{0,8}[*_`(\[{]{0,4}[ \t]*" + _NUM_LEAD)
+_AFTER_PHRASE_RE = re.compile(r"[ \t]{0,4}:?[ \t]{0,4}[*_`(\[{]{0,4}[ \t]*" + _NUM_LEAD)
+ANSWER_PHRASE = "answer is"
 _FRAC_RE = re.compile(r"\\[dt]?frac\s*\{\s*(-?[0-9]+)\s*\}\s*\{\s*([0-9]+)\s*\}|\\[dt]?frac([0-9])([0-9])")
 
 
@@ -80,6 +83,9 @@ def extract_gsm8k_answer(text: str, fallback_last_number: bool = False) -> str |
         ans = _number_in_boxed(boxed)
         if ans is not None:
             return ans
+    ans = _after_phrase(tail)
+    if ans is not None:
+        return ans
     if fallback_last_number:
         last = None
         for last in _NUM_RE.finditer(tail):
@@ -87,6 +93,15 @@ def extract_gsm8k_answer(text: str, fallback_last_number: bool = False) -> str |
         if last is not None:
             return _canonical(last)
     return None
+
+
+def _after_phrase(tail: str) -> str | None:
+    """The number right after the last "answer is" (any case, optional colon, $, ** or ( before it)."""
+    idx = tail.lower().rfind(ANSWER_PHRASE)
+    if idx < 0:
+        return None
+    m = _AFTER_PHRASE_RE.match(tail, idx + len(ANSWER_PHRASE))
+    return _canonical(m) if m else None
 
 
 def first_number(text: str) -> str | None:
@@ -98,7 +113,7 @@ def first_number(text: str) -> str | None:
 
 
 def answer_format(text: str) -> str | None:
-    """Which answer format `text` used: "####" or "boxed" (with a number), else None."""
+    """Which answer format `text` used: "####", "boxed" or "answer is" (with a number), else None."""
     if not isinstance(text, str):
         return None
     tail = answer_tail(text)
@@ -108,6 +123,8 @@ def answer_format(text: str) -> str | None:
     boxed = last_boxed(tail)
     if boxed is not None and _number_in_boxed(boxed) is not None:
         return "boxed"
+    if _after_phrase(tail) is not None:
+        return "answer is"
     return None
 
 
