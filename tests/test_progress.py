@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from tokentrust.evaluate import evaluate
@@ -49,6 +51,19 @@ def test_eval_progress_shows_the_running_accuracy(monkeypatch, capsys):
     assert res["greedy_pass@1"] == 0.5 and res["mean@k"] == 0.5 and res["pass@k"] == 1.0
     evaluate(rollout.model, None, task, samples=2, batch_size=4)  # progress off by default
     assert capsys.readouterr().out == ""
+
+
+def test_eval_greedy_only_with_zero_samples(monkeypatch, tmp_path):
+    task = get_task("arith", num_train=8, num_test=6)
+    examples = task.examples("test")
+    rollout = _ScriptedRollout(task, examples, samples=2)
+    monkeypatch.setattr("tokentrust.rollout.make_rollout", lambda *a, **k: rollout.reset())
+    res = evaluate(rollout.model, None, task, samples=0, batch_size=4, out_dir=tmp_path)
+    assert rollout.calls[False] == 0 and rollout.calls[True] == 6  # no sampled generation at all
+    assert res["greedy_pass@1"] == 0.5 and "mean@k" not in res and "pass@k" not in res
+    rows = [json.loads(x) for x in (tmp_path / "problems.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and rows[0]["samples"] == [] and rows[0]["answer_class"] in ("rare", "common")
+    assert res["num_rare_answer"] + res["num_common_answer"] == 6
 
 
 def test_vocab_build_reports_docs_and_tokens_counted():

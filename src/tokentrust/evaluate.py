@@ -49,7 +49,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: Any, *, out_dir: str 
     """Evaluate ``model`` on ``task``'s ``split``; writes results.json and problems.jsonl to ``out_dir``.
 
     Greedy decoding gives pass@1; ``samples`` draws at ``temperature`` give mean@k and the unbiased
-    pass@k (n = k samples). With a frequency ``table``: rare-token shares and distinct-n of the
+    pass@k (n = k samples; 0: greedy only, and the token statistics come from the greedy outputs).
+    With a frequency ``table``: rare-token shares and distinct-n of the
     sampled generations; with a ``reference`` model: their per-token NLL under it (coherence).
     ``progress``: show generations done and the running accuracy (``tokentrust.runlog.Progress``).
     """
@@ -80,18 +81,19 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: Any, *, out_dir: str 
         sample_rows = _rows(_generate_all(rollout, [p for p in prompts for _ in range(samples)], batch_size,
                                           greedy=False, seed=seed + 1,
                                           on_batch=score(flat_ok, [ex for ex in examples for _ in range(samples)],
-                                                         "sampled")))
+                                                         "sampled"))) if samples else []
     model.train(was_training)
     sample_ok = [flat_ok[i * samples:(i + 1) * samples] for i in range(len(examples))]
     results: dict[str, Any] = {
         "task": task.name, "split": split, "n": samples, "k": samples, "num_problems": len(examples),
         "greedy_pass@1": M.greedy_pass_at_1(greedy_ok),
-        "mean@k": M.mean_at_k(sample_ok),
-        "pass@1": M.mean_pass_at_k(sample_ok, 1),
-        "pass@k": M.mean_pass_at_k(sample_ok, samples),
         "temperature": temperature, "max_new_tokens": max_new_tokens,
     }
-    responses = [r for _, r, _ in sample_rows]
+    if samples:
+        results.update({"mean@k": M.mean_at_k(sample_ok), "pass@1": M.mean_pass_at_k(sample_ok, 1),
+                        "pass@k": M.mean_pass_at_k(sample_ok, samples)})
+    stat_rows = sample_rows or greedy_rows  # token statistics: the samples, or greedy when there are none
+    responses = [r for _, r, _ in stat_rows]
     info = None
     n_tokens = sum(len(r) for r in responses)
     results["mean_length"] = n_tokens / max(len(responses), 1)
@@ -110,7 +112,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: Any, *, out_dir: str 
     if reference is not None:
         keep = [i for i, r in enumerate(responses) if r]
         if keep:
-            results["coherence_nll"] = M.sequence_nll(reference, [sample_rows[i][0] for i in keep],
+            results["coherence_nll"] = M.sequence_nll(reference, [stat_rows[i][0] for i in keep],
                                                       [responses[i] for i in keep])
     results["seconds"] = time.time() - t0
 

@@ -17,7 +17,7 @@ def register(subparsers: Any) -> None:
                    help="task constructor option, e.g. --task-option steps=1 --task-option max_operand=10 (arith)")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None, help="first N problems only")
-    p.add_argument("--samples", type=int, default=4, help="k samples per problem for mean@k / pass@k")
+    p.add_argument("--samples", type=int, default=4, help="k samples per problem for mean@k / pass@k (0: greedy only)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from tokentrust.tasks import get_task
     from tokentrust.trainer import select_device
 
-    if args.samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    if args.samples < 0:
+        raise ValueError(f"--samples must be >= 0 (0: greedy only), got {args.samples}")
     options = parse_set(args.task_options)
     if args.data_dir:
         options["data_dir"] = args.data_dir
