@@ -176,3 +176,13 @@ def test_trend_slope_matches_statsmodels_with_seed_fixed_effects():
     assert (lo, hi) == pytest.approx(tuple(fit.conf_int().loc["x"]), rel=1e-9)
     assert p == pytest.approx(fit.pvalues["x"], rel=1e-6)
     assert all(math.isnan(v) for v in trend([(0, 0, 1.0), (1, 0, 2.0)]))  # no residual degrees of freedom
+
+
+def test_study_preset_runs_each_regime_into_its_own_folder(tmp_path, monkeypatch):
+    from tokentrust.cli import main
+
+    calls = []
+    monkeypatch.setattr(compare, "run_grid", lambda spec, out, **kw: calls.append((spec["name"], str(out))))
+    assert main(["compare", "--preset", "study", "--out", str(tmp_path)]) == 0
+    assert calls == [("stress-study", str(tmp_path / "stress-study")), ("sync-study", str(tmp_path / "sync-study"))]
+    assert compare.load_grid("sync-study")["preset"] == "tiny-arith"  # the synchronous control regime

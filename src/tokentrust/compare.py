@@ -114,6 +114,10 @@ GRID_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# A study: grid presets run one after another into OUT/<grid>/ (`tokentrust compare --preset study`).
+STUDIES: dict[str, tuple[str, ...]] = {"study": ("stress-study", "sync-study")}
+
+
 def load_grid(preset: str | None = None, file: str | None = None) -> dict[str, Any]:
     """A grid spec: {"preset"|"config", "methods": [names or {name: overrides}], "seeds", "overrides"}."""
     if preset is None and file is None:

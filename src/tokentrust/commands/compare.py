@@ -9,13 +9,15 @@ from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    from tokentrust.compare import GRID_PRESETS
+    from tokentrust.compare import GRID_PRESETS, STUDIES
 
     p = subparsers.add_parser("compare", help="run a grid of methods x seeds and write report.md",
                               description="Runs every (method, seed) with identical data order, rollout budget and "
                                           "evaluation; finished runs are skipped and interrupted ones resumed.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=sorted(GRID_PRESETS), default=None, help="named grid (default: demo)")
+    src.add_argument("--preset", choices=sorted([*GRID_PRESETS, *STUDIES]), default=None,
+                     help="named grid (default: demo), or a study: " + "; ".join(
+                         f"{k} = {' then '.join(v)} into OUT/<grid>/" for k, v in STUDIES.items()))
     src.add_argument("--config", default=None, help="grid file (YAML/JSON/TOML): preset|config, methods, seeds, overrides")
     p.add_argument("--out", default=None, help="grid directory (default: runs/compare-<name>)")
     p.add_argument("--workers", type=int, default=1, help="runs in parallel (threads are split between them)")
@@ -29,7 +31,9 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokentrust.compare import METHODS, load_grid, run_grid
+    from pathlib import Path
+
+    from tokentrust.compare import METHODS, STUDIES, load_grid, run_grid
     from tokentrust.config import parse_set
 
     if args.list_methods:
@@ -38,9 +42,17 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    command = "tokentrust " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.preset in STUDIES:
+        if args.part is not None:
+            raise ValueError(f"--part applies to one grid; use --preset {STUDIES[args.preset][0]} --part {args.part}")
+        out = Path(args.out or f"runs/compare-{args.preset}")
+        for name in STUDIES[args.preset]:
+            run_grid(load_grid(name), out / name, workers=args.workers, overrides=parse_set(args.overrides),
+                     command=command, quiet=args.quiet)
+        return 0
     spec = load_grid(args.preset, args.config)
     out = args.out or f"runs/compare-{spec['name']}"
-    command = "tokentrust " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     run_grid(spec, out, workers=args.workers, overrides=parse_set(args.overrides), command=command,
              quiet=args.quiet, part=args.part)
     return 0
