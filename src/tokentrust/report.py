@@ -393,23 +393,30 @@ def _per_seed(d: GridData, method: str, metric: str) -> list[float]:
     return [v for v in vals if v is not None and math.isfinite(v)]
 
 
+SUMMARY_GROUPS = (("accuracy", ("eval/",)), ("training and stability", ("train/", "stability/")),
+                  ("rare tokens, coherence, trust region", ("rare/", "coherence/", "trust_region/")))
+
+
 def section_summary(d: GridData) -> list[str]:
+    """Per group of metrics, a table with one row per method (mean over seeds [t-interval])."""
     keys = set(d.metric_keys)
-    rows = []
-    for k, direction in KEY_METRICS:
-        if k not in keys:
+    out = [f"## Per-method summary: mean over seeds [{_level(d.alpha)} t-interval]",
+           "↑ / ↓: the favourable direction. Intervals describe each method alone; compare methods "
+           "with the paired tests above."]
+    for title, prefixes in SUMMARY_GROUPS:
+        metrics = [(k, dirn) for k, dirn in KEY_METRICS if k in keys and k.startswith(prefixes)]
+        if not metrics:
             continue
-        cells = []
+        rows = []
         for m in d.methods:
-            mean, lo, hi = mean_interval(_per_seed(d, m, k), d.alpha)
-            cells.append(f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}]" if math.isfinite(mean) else "n/a")
-        rows.append([f"{k} {ARROW[direction]}", *cells])
-    return [
-        f"## Per-method summary: mean over seeds [{_level(d.alpha)} t-interval]",
-        "↑ / ↓: the favourable direction. Intervals describe each method alone; compare methods "
-        "with the paired tests above.",
-        _table(["metric", *[f"`{m}`" for m in d.methods]], rows),
-    ]
+            cells = []
+            for k, _ in metrics:
+                mean, lo, hi = mean_interval(_per_seed(d, m, k), d.alpha)
+                cells.append(f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}]" if math.isfinite(mean) else "n/a")
+            rows.append([f"`{m}`", str(len(d.summaries.get(m, {}))), *cells])
+        out.append(f"**{title}**\n\n" + _table(["method", "seeds", *[f"{_short(k)} {ARROW[dirn]}".strip()
+                                                                     for k, dirn in metrics]], rows))
+    return out
 
 
 def _bucket_ids(keys: Sequence[str], pattern: str) -> list[int]:
