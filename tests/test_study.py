@@ -38,7 +38,8 @@ def test_run_grid_runs_only_the_part(tmp_path, monkeypatch):
     spec = {"name": "g", "preset": "tiny-arith", "seeds": [0, 1], "methods": ["ppo", "dppo-tv", "pg-is"],
             "parts": {"a": ["ppo", "pg-is"], "b": ["dppo-tv"]}}
     compare.run_grid(spec, tmp_path, part="a", build_report=False, quiet=True)
-    assert sorted(p.split("/runs/")[1] for p in ran) == ["pg-is/seed_0", "pg-is/seed_1", "ppo/seed_0", "ppo/seed_1"]
+    assert ran[-1].endswith("warm_start")  # the reference evaluation, after the runs
+    assert sorted(p.split("/runs/")[1] for p in ran[:-1]) == ["pg-is/seed_0", "pg-is/seed_1", "ppo/seed_0", "ppo/seed_1"]
     grid = json.loads((tmp_path / "grid.json").read_text())
     assert set(grid["methods"]) == {"ppo", "dppo-tv", "pg-is"} and grid["parts"]["b"] == ["dppo-tv"]
 
@@ -186,3 +187,21 @@ def test_study_preset_runs_each_regime_into_its_own_folder(tmp_path, monkeypatch
     assert main(["compare", "--preset", "study", "--out", str(tmp_path)]) == 0
     assert calls == [("stress-study", str(tmp_path / "stress-study")), ("sync-study", str(tmp_path / "sync-study"))]
     assert compare.load_grid("sync-study")["preset"] == "tiny-arith"  # the synchronous control regime
+
+
+def test_grid_evaluates_the_warm_start_once_as_its_reference(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    ran = []
+
+    def fake_run(cfg, status, threads):
+        ran.append((cfg.out_dir, cfg.max_steps, cfg.seed, cfg.task.eval_limit))
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out_dir) / "DONE").write_text("{}")
+
+    monkeypatch.setattr(compare, "_run_one", fake_run)
+    spec = {"name": "g", "preset": "tiny-arith", "seeds": [3], "methods": ["ppo"],
+            "overrides": {"task": {"eval_limit": 7}}}
+    compare.run_grid(spec, tmp_path, build_report=False, quiet=True)
+    compare.run_grid(spec, tmp_path, build_report=False, quiet=True)  # both DONE: nothing runs again
+    assert ran == [(str(tmp_path / "runs/ppo/seed_3"), 40, 3, 7), (str(tmp_path / "warm_start"), 0, 3, 7)]

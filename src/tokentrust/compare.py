@@ -275,6 +275,16 @@ class _GridWatch:
         self.steps[i] = step
 
 
+def evaluate_warm_start(cfg: Any, grid_dir: Path, threads: int = 1) -> Path:
+    """GRID_DIR/warm_start/: the first run's configuration with no RL step (the model every run starts
+    from), evaluated exactly as the runs are; the report's reference row. Skipped once DONE."""
+    run_dir = grid_dir / "warm_start"
+    if not (run_dir / "DONE").exists():
+        ref = cfg.model_copy(update={"max_steps": 0, "out_dir": str(run_dir)})
+        _run_one(ref, "new", threads)
+    return run_dir
+
+
 def _run_state(record: dict[str, Any], max_steps: int) -> str:
     kept = record.get("trust_region/kept_frac")
     reward = record.get("reward/mean")
@@ -343,6 +353,8 @@ def run_grid(spec: dict[str, Any], grid_dir: str | Path, *, workers: int = 1, ov
                     bar.note(f"FAILED: {e}")
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed; rerun the same command to retry them. First: {failures[0]}")
+    if runs and runs[0][2].task.eval_limit > 0:
+        evaluate_warm_start(runs[0][2], grid_dir, threads=os.cpu_count() or 1)
     if build_report:
         from tokentrust.report import build_report as _build
 

@@ -579,6 +579,7 @@ def build_report(
         *section_setup(d),
         *section_runs(d),
         *section_summary(d),
+        *study.section_reference(d),
         *section_buckets(d),
         *study.section_mechanism(d),
         *study.section_masked_tokens(d),

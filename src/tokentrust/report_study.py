@@ -44,6 +44,31 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+# ------------------------------------------------------------------------------ reference
+
+REFERENCE_METRICS = ("eval/greedy_pass@1", "eval/mean@k", "eval/pass@k", "eval/acc_rare_answer",
+                     "eval/acc_common_answer", "rare/share_rare", "coherence/nll", "coherence/garbage_share")
+
+
+def section_reference(d: Any) -> list[str]:
+    """The warm start every run begins from, evaluated as the runs are (GRID_DIR/warm_start/)."""
+    from tokentrust.metrics import summarize_eval
+
+    p = d.path / "warm_start" / "eval" / "results.json"
+    if not p.exists():
+        return []
+    ref = summarize_eval(json.loads(p.read_text(encoding="utf-8")))
+    keys = [k for k in REFERENCE_METRICS if k in ref]
+    rows = [["warm start (no RL step)", *[_fmt(ref[k]) for k in keys]]]
+    for m in d.methods:
+        vals = [[v[k] for v in d.summaries[m].values() if k in v and math.isfinite(v[k])] for k in keys]
+        rows.append([f"`{m}`", *[_fmt(float(np.mean(v))) if v else "n/a" for v in vals]])
+    return ["## Before and after RL",
+            "The warm start every run begins from, evaluated on the same problems with the same settings "
+            "(seed 0), next to each method's mean over seeds after RL.",
+            _table(["model", *keys], rows)]
+
+
 # ------------------------------------------------------------------------------ dose-response
 
 def dose_series(methods: dict[str, dict[str, Any]]) -> dict[str, list[tuple[float, str]]]:
