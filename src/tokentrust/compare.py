@@ -90,14 +90,15 @@ GRID_PRESETS: dict[str, dict[str, Any]] = {
     # The study (issue 11) in the stress regime, in resumable parts of at most about an hour on 2 cores
     # with 2 workers (`--part N`; finished runs are skipped, so the parts may run in any order):
     # 1, the primary pair with 8 seeds; 2, the inverse control, the no-region control and PPO; 3, every
-    # other baseline and AV-DPPO schedule; 4, dose-response in beta and delta. 4 seeds per non-primary cell.
+    # other baseline and AV-DPPO schedule; 4, dose-response in beta; 5, in delta. 4 seeds per non-primary cell.
     "stress-study": {"preset": "tiny-arith-async",
                      "methods": ["dppo-tv", "av-freq-norm",
                                  *({"name": m, "seeds": _FOUR} for m in _STRESS_OTHERS), *_DOSE],
                      "seeds": list(range(8)), "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
                      "parts": {"1": ["dppo-tv", "av-freq-norm"], "2": ["av-freq-inverse", "pg-is", "ppo"],
                                "3": [m for m in _STRESS_OTHERS if m not in ("av-freq-inverse", "pg-is", "ppo")],
-                               "4": [d["name"] for d in _DOSE]},
+                               "4": [d["name"] for d in _DOSE if d["name"].startswith("av-beta")],
+                               "5": [d["name"] for d in _DOSE if "-delta" in d["name"]]},
                      "overrides": {"max_steps": 40, "task": {"eval_limit": 128, "eval_samples": 4}}},
     # The control regime: the synchronous default (tiny-arith, 2 epochs x 2 minibatches, on-policy
     # batches), same step count and evaluation as stress-study, 4 seeds.
