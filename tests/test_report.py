@@ -213,3 +213,16 @@ def test_bad_primary_spec_and_missing_baseline_raise(tmp_path):
         (grid / "grid.json").write_text(json.dumps({**spec, "primary": primary}))
         with pytest.raises(ValueError, match=field):
             build_report(grid, baseline=BASE)
+
+
+def test_runs_still_training_are_left_out_and_named(tmp_path):
+    from tokentrust.report import build_report, load_grid
+
+    g = _make_grid(tmp_path / "grid", GOOD, POOR, seeds=(0, 1, 2))
+    partial = g / "runs" / BASE / "seed_9"
+    partial.mkdir(parents=True)
+    (partial / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.0}) + "\n")
+    _, runs = load_grid(g)
+    assert 9 not in runs[BASE] and len(runs[BASE]) == 3
+    report = build_report(g).read_text()
+    assert f"Left out, still training or stopped before evaluation: {BASE}/seed_9." in report

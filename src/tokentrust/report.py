@@ -114,11 +114,24 @@ def load_grid(grid_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, di
         seeds = {}
         for sd in mdir.iterdir():
             if sd.is_dir() and sd.name.startswith("seed_"):
-                if (sd / "metrics.jsonl").exists() or (sd / "eval" / "results.json").exists():
+                if _finished(sd):
                     seeds[_seed_key(sd.name)] = sd
         if seeds:
             runs[m] = dict(sorted(seeds.items(), key=lambda kv: _seed_order(kv[0])))
     return grid, runs
+
+
+def _finished(run_dir: Path) -> bool:
+    """A run the report analyses: DONE, or evaluated (a run still training or stopped before its
+    evaluation would compare a partial curve with whole ones)."""
+    return (run_dir / "DONE").exists() or (run_dir / "eval" / "results.json").exists()
+
+
+def unfinished_runs(grid_dir: str | os.PathLike) -> list[str]:
+    """<method>/seed_<s> of run directories the report leaves out (see `_finished`)."""
+    root = Path(grid_dir) / "runs"
+    return sorted(f"{sd.parent.name}/{sd.name}" for sd in root.glob("*/seed_*")
+                  if sd.is_dir() and (sd / "metrics.jsonl").exists() and not _finished(sd))
 
 
 def load_problems(run_dir: str | os.PathLike) -> dict[Any, tuple[float, float]]:
@@ -285,6 +298,9 @@ def section_verdicts(d: GridData) -> list[str]:
     out = [f"# Grid report: {d.path.resolve().name}", paragraph, stats_note]
     if not_done:
         out.append(f"Runs without a DONE marker (incomplete): {', '.join(not_done)}.")
+    left_out = unfinished_runs(d.path)
+    if left_out:
+        out.append(f"Left out, still training or stopped before evaluation: {', '.join(left_out)}.")
     findings = secondary_findings(d.secondary, alpha)
     out.append(
         "Secondary comparisons significant after Holm correction: "
