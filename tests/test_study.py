@@ -205,3 +205,20 @@ def test_grid_evaluates_the_warm_start_once_as_its_reference(tmp_path, monkeypat
     compare.run_grid(spec, tmp_path, build_report=False, quiet=True)
     compare.run_grid(spec, tmp_path, build_report=False, quiet=True)  # both DONE: nothing runs again
     assert ran == [(str(tmp_path / "runs/ppo/seed_3"), 40, 3, 7), (str(tmp_path / "warm_start"), 0, 3, 7)]
+
+
+def test_mechanism_section_means_over_steps_then_seeds():
+    from types import SimpleNamespace
+
+    from tokentrust.report_study import section_mechanism
+
+    recs = {0: [{"mechanism/corr_rarity_neglogmu": 0.2, "mechanism/mu_mean/bucket_0": 0.9,
+                 "mechanism/mu_mean/bucket_1": float("nan")},
+                {"mechanism/corr_rarity_neglogmu": 0.4, "mechanism/mu_mean/bucket_0": 0.7}],
+            1: [{"mechanism/corr_rarity_neglogmu": 0.6, "mechanism/mu_mean/bucket_0": 0.5,
+                 "mechanism/mu_mean/bucket_1": 0.1}]}
+    out = section_mechanism(SimpleNamespace(records={"m": recs, "ppo": {0: [{"step": 1}]}}))
+    row = out[-1].splitlines()[-1]
+    # r = mean(mean(0.2, 0.4), 0.6) = 0.45; mu: bucket 0 over all steps (0.9, 0.7, 0.5), bucket 1 (0.1)
+    assert row == "| `m` | 2 | 0.450 | 0.203 | 0.797 | 0.700 / 0.100 |"
+    assert section_mechanism(SimpleNamespace(records={"ppo": {0: [{"step": 1}]}})) == []

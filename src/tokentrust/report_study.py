@@ -166,13 +166,15 @@ def section_mechanism(d: Any) -> list[str]:
         if not per_seed:
             continue
         r = float(np.mean(per_seed))
+        prefix = "mechanism/mu_mean/bucket_"
+        buckets = sorted({int(k[len(prefix):]) for recs in seeds.values() for rec in recs for k in rec
+                          if k.startswith(prefix)})
         mus = []
-        for i in range(16):
-            k = f"mechanism/mu_mean/bucket_{i}"
-            vals = [r_[k] for recs in seeds.values() for r_ in recs
-                    if isinstance(r_.get(k), (int, float)) and math.isfinite(r_[k])]
+        for i in buckets:
+            vals = [x for recs in seeds.values() for rec in recs
+                    if isinstance(x := rec.get(f"{prefix}{i}"), (int, float)) and math.isfinite(x)]
             mus.append(_fmt(float(np.mean(vals))) if vals else None)
-        while mus and mus[-1] is None:
+        while mus and mus[-1] is None:  # the special-token bucket is never measured
             mus.pop()
         rows.append([f"`{m}`", str(len(per_seed)), _fmt(r), _fmt(r * r), _fmt(1 - r * r),
                      " / ".join(x or "n/a" for x in mus)])
