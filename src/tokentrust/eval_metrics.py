@@ -34,7 +34,8 @@ def garbage_share(responses: Sequence[Sequence[int]], unseen: torch.Tensor) -> f
     if not responses:
         return float("nan")
     rows = len(unseen)
-    bad = sum(any(t >= rows or bool(unseen[t]) for t in r) for r in responses)
+    unseen_ids = set(unseen.nonzero().flatten().tolist())  # one lookup table, not a tensor index per token
+    bad = sum(any(t >= rows or t in unseen_ids for t in r) for r in responses)
     return bad / len(responses)
 
 
