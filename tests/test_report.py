@@ -226,3 +226,19 @@ def test_runs_still_training_are_left_out_and_named(tmp_path):
     assert 9 not in runs[BASE] and len(runs[BASE]) == 3
     report = build_report(g).read_text()
     assert f"Left out, still training or stopped before evaluation: {BASE}/seed_9." in report
+
+
+def test_greedy_only_evaluation_reports_without_sampled_metrics(tmp_path):
+    """eval_samples 0 (the SmolLM2 grid): no mean@k / pass@k anywhere, and H2 still tested per problem."""
+    grid = _make_grid(tmp_path / "g", POOR, POOR, seeds=(0, 1, 2))
+    for res in grid.glob("runs/*/seed_*/eval/results.json"):
+        r = json.loads(res.read_text())
+        res.write_text(json.dumps({k: v for k, v in r.items() if k not in ("mean@k", "pass@k", "k", "n")}))
+        probs = res.parent / "problems.jsonl"
+        rows = [{**json.loads(x), "samples_correct": []} for x in probs.read_text().splitlines()]
+        probs.write_text("\n".join(json.dumps(x) for x in rows) + "\n")
+    text = build_report(grid, baseline=BASE).read_text()
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert rows and not [r for r in rows if "mean@k" in r or "eval/pass@k" in r]
+    assert _verdicts(grid / "report.md")["H2"] == "INCONCLUSIVE"
+    assert "eval/greedy_pass@1" in text

@@ -27,9 +27,12 @@ def test_study_parts_cover_the_grid_once():
     in_parts = [m for part in spec["parts"].values() for m in part]
     assert sorted(in_parts) == sorted(names) and len(in_parts) == len(set(in_parts))
     with pytest.raises(ConfigError, match="no part '9'"):
-        compare.part_methods(spec, "9")
+        compare.part_runs(spec, "9")
     with pytest.raises(ConfigError, match="not in grid.methods"):
-        compare.part_methods({**spec, "parts": {"1": ["nope"]}}, "1")
+        compare.part_runs({**spec, "parts": {"1": ["nope"]}}, "1")
+    every = {(n, s) for n, s, _ in compare.run_configs(spec, compare.Path("/tmp/unused"))}
+    pairs = [p for part in spec["parts"] for p in compare.part_runs(spec, part)]
+    assert sorted(pairs) == sorted(every)
 
 
 def test_run_grid_runs_only_the_part(tmp_path, monkeypatch):
@@ -42,6 +45,16 @@ def test_run_grid_runs_only_the_part(tmp_path, monkeypatch):
     assert sorted(p.split("/runs/")[1] for p in ran[:-1]) == ["pg-is/seed_0", "pg-is/seed_1", "ppo/seed_0", "ppo/seed_1"]
     grid = json.loads((tmp_path / "grid.json").read_text())
     assert set(grid["methods"]) == {"ppo", "dppo-tv", "pg-is"} and grid["parts"]["b"] == ["dppo-tv"]
+
+
+def test_a_part_may_select_seeds(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(compare, "_run_one", lambda cfg, status, threads: ran.append(cfg.out_dir))
+    spec = {"name": "g", "preset": "tiny-arith", "seeds": [0, 1, 2], "methods": ["ppo", {"name": "pg-is", "seeds": [1]}],
+            "parts": {"a": {"seeds": [0, 1]}, "b": {"methods": ["ppo"], "seeds": [2]}}}
+    compare.run_grid(spec, tmp_path, part="a", build_report=False, quiet=True)
+    assert sorted(p.split("/runs/")[1] for p in ran[:-1]) == ["pg-is/seed_1", "ppo/seed_0", "ppo/seed_1"]
+    assert compare.part_runs(spec, "b") == {("ppo", 2)}
 
 
 def test_dose_cells_are_the_declared_doses():

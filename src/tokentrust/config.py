@@ -73,7 +73,7 @@ class TaskConfig(_Section):
     train_limit: int = Field(0, ge=0)  # RL prompts cycle over the first N training examples (0 = all of them)
     eval_split: str = "test"
     eval_limit: int = Field(64, ge=0)  # problems in the end-of-run evaluation (0 = skip)
-    eval_samples: int = Field(4, ge=1)  # k for mean@k / pass@k
+    eval_samples: int = Field(4, ge=0)  # k for mean@k / pass@k (0: greedy only)
     system_prompt: str | None = None
 
 

@@ -178,7 +178,7 @@ def _common_seeds(*per_seed: Mapping[Any, Any]) -> list[Any]:
 def problem_matrices(
     problems: Problems, method: str, baseline: str, index: int
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """[seeds, problems] outcome matrices on the seeds and problem ids both methods have."""
+    """[seeds, problems] outcome matrices on the seeds and problem ids both methods have (and measured)."""
     a, b = problems.get(method, {}), problems.get(baseline, {})
     seeds = _common_seeds(a, b)
     if not seeds:
@@ -189,7 +189,10 @@ def problem_matrices(
     order = sorted(ids, key=str)
     ma = np.array([[a[s][i][index] for i in order] for s in seeds], dtype=np.float64)
     mb = np.array([[b[s][i][index] for i in order] for s in seeds], dtype=np.float64)
-    return ma, mb
+    measured = np.isfinite(ma).all(0) & np.isfinite(mb).all(0)  # mean@k is NaN for a greedy-only evaluation
+    if not measured.any():
+        return None
+    return ma[:, measured], mb[:, measured]
 
 
 def compare(
