@@ -197,12 +197,7 @@ def analyse(grid_dir: str | os.PathLike, baseline: str, alpha: float) -> GridDat
 # formatting
 
 
-def _fmt(x: float | None) -> str:
-    if x is None or not math.isfinite(x):
-        return "n/a" if x is None or math.isnan(x) else ("∞" if x > 0 else "-∞")
-    if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
-        return f"{x:.3g}"
-    return f"{x:.4g}"
+_fmt = study.fmt_general  # 4 significant digits, 3 in scientific notation
 
 
 def _fmt_p(p: float) -> str:
@@ -435,57 +430,6 @@ def section_summary(d: GridData) -> list[str]:
     return out
 
 
-def _bucket_ids(keys: Sequence[str], pattern: str) -> list[int]:
-    rx = re.compile(pattern)
-    return sorted({int(m[1]) for k in keys if (m := rx.fullmatch(k))})
-
-
-def _bucket_labels(d: GridData, ids: list[int]) -> list[str]:
-    """Column headers "b<i> <mass range>" from the grid's bucket edges (vocab.FrequencyTable)."""
-    from tokentrust.vocab import DEFAULT_EDGES, FrequencyTable
-
-    edges = d.grid.get("resolved_example", {}).get("algo", {}).get("thresholds", {}).get("bucket_edges")
-    names = FrequencyTable.bucket_names(edges or DEFAULT_EDGES)
-    return [f"b{i} {names[i]}" if i < len(names) else f"bucket {i}" for i in ids]
-
-
-def _bucket_row(d: GridData, method: str, keys: list[str]) -> str:
-    """Mean over seeds of the mean over `keys` (e.g. the PPO epochs) of one run's summary."""
-    vals = []
-    for metrics in d.summaries.get(method, {}).values():
-        xs = [metrics[k] for k in keys if k in metrics and math.isfinite(metrics[k])]
-        if xs:
-            vals.append(float(np.mean(xs)))
-    return _fmt(float(np.mean(vals)) if vals else math.nan)
-
-
-def section_buckets(d: GridData) -> list[str]:
-    """Where the regions act: kept fraction, delta_t and |pi - mu| per corpus-frequency bucket."""
-    keys = d.metric_keys
-    epochs = sorted({int(m[1]) for k in keys if (m := re.match(r"trust_region/epoch_(\d+)/abs_diff_mean/bucket_", k))})
-    blocks = []
-    specs = [(f"trust_region/kept_frac/bucket_{{i}}{sfx}", [""], f"kept fraction{txt}")
-             for sfx, txt in (("", ""), ("/pos", ", A > 0"), ("/neg", ", A < 0"))]
-    specs.append(("trust_region/delta_mean/bucket_{i}", [""], "mean threshold delta_t"))
-    if epochs:
-        specs.append(("trust_region/epoch_{e}/abs_diff_mean/bucket_{i}", [str(e) for e in epochs],
-                      "mean |pi - mu| (mean over PPO epochs)"))
-    for pattern, eps, title in specs:
-        ids = _bucket_ids(keys, pattern.replace("{e}", eps[0]).replace("{i}", r"(\d+)"))
-        if not ids:
-            continue
-        rows = [[f"`{m}`", *[_bucket_row(d, m, [pattern.format(e=e, i=i) for e in eps]) for i in ids]]
-                for m in d.methods]
-        blocks.append(f"{title} (`{pattern.format(e='<e>', i='<i>')}`)\n\n"
-                      + _table(["method", *_bucket_labels(d, ids)], rows))
-    if not blocks:
-        return []
-    return ["## Trust region per frequency bucket (mean over steps, then seeds)",
-            "Buckets by share of the corpus token mass, most frequent first; then tokens the corpus never "
-            "holds (unseen) and special tokens (EOS, pad, chat markers: they always get the base delta). "
-            "\"Rare\" metrics count the buckets beyond 95% of the mass and unseen tokens.", *blocks]
-
-
 def _forest_panels(d: GridData) -> dict[str, list[tuple[str, float, float, float, bool]]]:
     primary = {(v.method, v.hypothesis.primary[0]): v.result for v in d.verdicts if v.result is not None}
     panels: dict[str, list[tuple[str, float, float, float, bool]]] = {}
@@ -518,7 +462,7 @@ def section_plots(d: GridData) -> list[str]:
                         if re.fullmatch(r"rare/share/bucket_\d+", k)}, key=lambda k: int(k.rsplit("_", 1)[1]))
     out.append(("Share of generated tokens in the rarest frequency buckets",
                 plots.plot_curves(d.records, rare_keys[-2:], "share of tokens", pdir / "rare_share.png")))
-    kept = _bucket_ids(d.metric_keys, r"trust_region/kept_frac/bucket_(\d+)")
+    kept = study.bucket_ids(d.metric_keys, r"trust_region/kept_frac/bucket_(\d+)")
     if kept:
         series = {m: [_mean_range(_per_seed(d, m, f"trust_region/kept_frac/bucket_{i}")) for i in kept]
                   for m in d.methods}
@@ -596,7 +540,7 @@ def build_report(
         *section_runs(d),
         *section_summary(d),
         *study.section_reference(d),
-        *section_buckets(d),
+        *study.section_buckets(d),
         *study.section_mechanism(d),
         *study.section_masked_tokens(d),
         *study.section_windows(d),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,15 @@ WINDOW = 10
 
 def _fmt(x: float, digits: int = 3) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def fmt_general(x: float | None) -> str:
+    """A report number: 4 significant digits (3 in scientific notation), n/a or ±∞."""
+    if x is None or not math.isfinite(x):
+        return "n/a" if x is None or math.isnan(x) else ("∞" if x > 0 else "-∞")
+    if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+        return f"{x:.3g}"
+    return f"{x:.4g}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -249,3 +259,56 @@ def section_windows(d: Any) -> list[str]:
     return ["## Training reward by step window (mean over seeds)",
             "Where the methods' curves separate, and whether they have by the last window.",
             _table(head, table)]
+
+
+# ------------------------------------------------------------------------- trust region per bucket
+
+def bucket_ids(keys: Sequence[str], pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m[1]) for k in keys if (m := rx.fullmatch(k))})
+
+
+def _bucket_labels(d: Any, ids: list[int]) -> list[str]:
+    """Column headers "b<i> <mass range>" from the grid's bucket edges (vocab.FrequencyTable)."""
+    from tokentrust.vocab import DEFAULT_EDGES, FrequencyTable
+
+    edges = d.grid.get("resolved_example", {}).get("algo", {}).get("thresholds", {}).get("bucket_edges")
+    names = FrequencyTable.bucket_names(edges or DEFAULT_EDGES)
+    return [f"b{i} {names[i]}" if i < len(names) else f"bucket {i}" for i in ids]
+
+
+def _bucket_row(d: Any, method: str, keys: list[str]) -> str:
+    """Mean over seeds of the mean over `keys` (e.g. the PPO epochs) of one run's summary."""
+    vals = []
+    for metrics in d.summaries.get(method, {}).values():
+        xs = [metrics[k] for k in keys if k in metrics and math.isfinite(metrics[k])]
+        if xs:
+            vals.append(float(np.mean(xs)))
+    return fmt_general(float(np.mean(vals)) if vals else math.nan)
+
+
+def section_buckets(d: Any) -> list[str]:
+    """Where the regions act: kept fraction, delta_t and |pi - mu| per corpus-frequency bucket."""
+    keys = d.metric_keys
+    epochs = sorted({int(m[1]) for k in keys if (m := re.match(r"trust_region/epoch_(\d+)/abs_diff_mean/bucket_", k))})
+    blocks = []
+    specs = [(f"trust_region/kept_frac/bucket_{{i}}{sfx}", [""], f"kept fraction{txt}")
+             for sfx, txt in (("", ""), ("/pos", ", A > 0"), ("/neg", ", A < 0"))]
+    specs.append(("trust_region/delta_mean/bucket_{i}", [""], "mean threshold delta_t"))
+    if epochs:
+        specs.append(("trust_region/epoch_{e}/abs_diff_mean/bucket_{i}", [str(e) for e in epochs],
+                      "mean |pi - mu| (mean over PPO epochs)"))
+    for pattern, eps, title in specs:
+        ids = bucket_ids(keys, pattern.replace("{e}", eps[0]).replace("{i}", r"(\d+)"))
+        if not ids:
+            continue
+        rows = [[f"`{m}`", *[_bucket_row(d, m, [pattern.format(e=e, i=i) for e in eps]) for i in ids]]
+                for m in d.methods]
+        blocks.append(f"{title} (`{pattern.format(e='<e>', i='<i>')}`)\n\n"
+                      + _table(["method", *_bucket_labels(d, ids)], rows))
+    if not blocks:
+        return []
+    return ["## Trust region per frequency bucket (mean over steps, then seeds)",
+            "Buckets by share of the corpus token mass, most frequent first; then tokens the corpus never "
+            "holds (unseen) and special tokens (EOS, pad, chat markers: they always get the base delta). "
+            "\"Rare\" metrics count the buckets beyond 95% of the mass and unseen tokens.", *blocks]
