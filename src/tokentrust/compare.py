@@ -111,10 +111,10 @@ GRID_PRESETS: dict[str, dict[str, Any]] = {
     # group of 4 without an advantage 92% of the time, so the reward adds 0.2 for the asked answer form
     # (followed in ~60% of samples); lr 2e-5, 2 epochs x 2 minibatches on batches one step stale make
     # the regions act. Accuracy here has no power; the point is the mechanism on a 49k vocabulary.
-    # Parts: 1, seeds 0-1 (~50 min); 2, seed 2 (~25 min).
-    "smollm2-study": {"preset": "smollm2-gsm8k", "methods": ["dppo-tv", "av-freq-norm"], "seeds": [0, 1, 2],
+    # Parts: 1, seeds 0-1; 2, seeds 2-3 (~50 min each).
+    "smollm2-study": {"preset": "smollm2-gsm8k", "methods": ["dppo-tv", "av-freq-norm"], "seeds": _FOUR,
                       "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
-                      "parts": {"1": {"seeds": [0, 1]}, "2": {"seeds": [2]}},
+                      "parts": {"1": {"seeds": [0, 1]}, "2": {"seeds": [2, 3]}},
                       "overrides": {"max_steps": 8,
                                     "task": {"eval_limit": 64, "eval_samples": 0,
                                              "options": {"answer_fallback": True, "format_reward": 0.2}},
