@@ -198,7 +198,7 @@ def test_study_preset_runs_each_regime_into_its_own_folder(tmp_path, monkeypatch
     calls = []
     monkeypatch.setattr(compare, "run_grid", lambda spec, out, **kw: calls.append((spec["name"], str(out))))
     assert main(["compare", "--preset", "study", "--out", str(tmp_path)]) == 0
-    assert calls == [("stress-study", str(tmp_path / "stress-study")), ("sync-study", str(tmp_path / "sync-study"))]
+    assert calls == [(g, str(tmp_path / g)) for g in ("stress-study", "sync-study", "smollm2-study")]
     assert compare.load_grid("sync-study")["preset"] == "tiny-arith"  # the synchronous control regime
 
 

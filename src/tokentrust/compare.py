@@ -131,7 +131,7 @@ GRID_PRESETS: dict[str, dict[str, Any]] = {
 
 
 # A study: grid presets run one after another into OUT/<grid>/ (`tokentrust compare --preset study`).
-STUDIES: dict[str, tuple[str, ...]] = {"study": ("stress-study", "sync-study")}
+STUDIES: dict[str, tuple[str, ...]] = {"study": ("stress-study", "sync-study", "smollm2-study")}
 
 
 def load_grid(preset: str | None = None, file: str | None = None) -> dict[str, Any]:
