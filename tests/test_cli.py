@@ -69,3 +69,16 @@ def test_compare_lists_methods(capsys):
     for m in ("ppo", "clip-higher", "dppo-tv", "dppo-kl", "cppo", "drpo", "av-freq", "av-batch-norm",
               "av-entropy", "av-combined-norm", "av-freq-inverse"):
         assert m in out
+
+
+def test_train_with_greedy_only_evaluation(tmp_path, capsys, one_thread):
+    """eval_samples 0: the run finishes and prints greedy pass@1 only (it raised KeyError 'mean@k')."""
+    from conftest import tiny_overrides
+
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(tiny_overrides(tmp_path / "run", max_steps=1, task={"eval_samples": 0})))
+    assert main(["train", "--config", str(cfg), "--quiet"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("eval arith/test: greedy pass@1 ") and "mean@" not in line
+    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    assert results["k"] == 0 and "mean@k" not in results

@@ -54,6 +54,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"run directory: {out}")
     if results.exists():
         r = json.loads(results.read_text())
-        print(f"eval {r['task']}/{r['split']}: greedy pass@1 {r['greedy_pass@1']:.3f}, mean@{r['k']} "
-              f"{r['mean@k']:.3f}, pass@{r['k']} {r['pass@k']:.3f}")
+        print(eval_line(r))
     return 0
+
+
+def eval_line(r: dict) -> str:
+    """One line of end-of-run results; a greedy-only evaluation (eval_samples 0) has no mean@k / pass@k."""
+    line = f"eval {r['task']}/{r['split']}: greedy pass@1 {r['greedy_pass@1']:.3f}"
+    if r.get("k"):
+        line += f", mean@{r['k']} {r['mean@k']:.3f}, pass@{r['k']} {r['pass@k']:.3f}"
+    return line
