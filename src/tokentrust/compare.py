@@ -106,12 +106,12 @@ GRID_PRESETS: dict[str, dict[str, Any]] = {
                    "methods": ["dppo-tv", "av-freq-norm", "ppo", "av-freq-inverse", "pg-is"],
                    "seeds": _FOUR, "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
                    "overrides": {"max_steps": 40, "task": {"eval_limit": 128, "eval_samples": 4}}},
-    # The real-model check (issue 11): SmolLM2-135M-Instruct on GSM8K, the primary pair only, as much as
-    # fits in about an hour of 2 CPU cores (80 s per 16-sample step). A 2% starting accuracy leaves a
+    # The real-model check (issue 11): SmolLM2-135M-Instruct on GSM8K, the primary pair only, 4 seeds x 8
+    # steps (95-105 s per 16-sample step on 2 CPU cores, ~16 min per run). A 2% starting accuracy leaves a
     # group of 4 without an advantage 92% of the time, so the reward adds 0.2 for the asked answer form
     # (followed in ~60% of samples); lr 2e-5, 2 epochs x 2 minibatches on batches one step stale make
     # the regions act. Accuracy here has no power; the point is the mechanism on a 49k vocabulary.
-    # Parts: 1, seeds 0-1; 2, seeds 2-3 (~50 min each).
+    # Parts: 1, seeds 0-1 (52 min with 2 workers); 2, seeds 2-3 (75 min with 1 worker).
     "smollm2-study": {"preset": "smollm2-gsm8k", "methods": ["dppo-tv", "av-freq-norm"], "seeds": _FOUR,
                       "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
                       "parts": {"1": {"seeds": [0, 1]}, "2": {"seeds": [2, 3]}},
