@@ -1,5 +1,6 @@
 """Tasks: registry, loading (local / hub / malformed), prompts, scoring, SFT texts, arith generator."""
 
+import hashlib
 import json
 import re
 import sys
@@ -11,7 +12,9 @@ import pytest
 
 import tokentrust.tasks.io as tio
 from tokentrust.tasks import Example, Score, Task, available_tasks, get_task
-from tokentrust.tasks.arith import MEASURES, NAMES, OBJECTS, UNIT_WORDS
+from tokentrust.tasks.arith import IMPLIED_MATERIAL, MEASURES, NAMES, OBJECTS, UNIT_WORDS
+
+DEFAULT_ARITH_DIGEST = "b81b9f6ed91ba3ad"  # the default arith train split before implied_unit existed
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -285,6 +288,38 @@ def test_arith_score(completion, correct, format_ok):
     s = task.score(completion, ex)
     assert (s.correct, s.format_ok) == (correct, format_ok)
     assert s.reward == pytest.approx(float(correct) + 0.1 * format_ok)
+
+
+def test_arith_implied_unit_is_recalled_not_copied():
+    task = get_task("arith", implied_unit=True, measure_frac=1.0, steps=3, num_train=2000, num_test=600)
+    mixed = get_task("arith", implied_unit=True, measure_frac=0.5, num_train=400)
+    assert len(set(IMPLIED_MATERIAL)) == len(MEASURES) == len(set(IMPLIED_MATERIAL.values()))
+    assert not set(IMPLIED_MATERIAL.values()) & set(UNIT_WORDS)
+    for e in task.examples("train") + task.examples("test"):
+        n, unit = e.answer.split(" ", 1)
+        assert int(n) == _interpret(e.question) == e.meta["number"]
+        assert e.meta["implied_unit"] and e.meta["material"] == IMPLIED_MATERIAL[e.meta["unit_singular"]]
+        words = set(re.findall(r"[a-z]+", e.question.lower()))
+        assert not words & set(UNIT_WORDS)  # no answer word to copy
+        assert f"How much {e.meta['material']} does" in e.question and "measure" in e.question
+        assert task.score(task.sft_text(e), e).correct
+        assert not task.score(f"#### {n} measures of {e.meta['material']}", e).correct
+    rare = [e for e in task.examples("test") if task.answer_class(e.answer) == "rare"]
+    assert 0.1 < len(rare) / 600 < 0.3  # the tail of the unit list
+    # objects stay as they were; measures become implied
+    assert {e.meta.get("implied_unit", False) for e in mixed.examples("train")} == {True, False}
+    assert all(f"How many {e.meta['unit']}" in e.question for e in mixed.examples("train") if "material" not in e.meta)
+    with pytest.raises(ValueError):
+        get_task("arith", measure_frac=1.5)
+
+
+def test_arith_default_problems_unchanged():
+    """The implied-unit option leaves the default generator as it was (warm-start caches stay valid)."""
+    e = get_task("arith").generate("train", 0)
+    digest = hashlib.sha256("|".join(f"{x.question}#{x.solution}" for x in get_task("arith", num_train=200)
+                                     .examples("train")).encode()).hexdigest()[:16]
+    assert e == get_task("arith", implied_unit=False).generate("train", 0)
+    assert digest == DEFAULT_ARITH_DIGEST
 
 
 def test_arith_fallback_and_singular_gold():

@@ -5,7 +5,9 @@
 from long-tailed (Zipf-like) lists, so some words are rare in the training data yet the verifier
 demands them: rare tokens carry reward. One fixed template keeps problems short (~30-60 tokens)
 for tiny models. Problems are deterministic per (seed, split, index); the split of a problem is a
-hash of its text, so train, validation and test never share a question.
+hash of its text, so train, validation and test never share a question. With ``implied_unit`` a
+unit problem names only its material ("8 measures of cider") and the answer needs the material's
+unit ("hogsheads"), which the question never states: rare words must be recalled, not copied.
 """
 
 from __future__ import annotations
@@ -72,6 +74,23 @@ scruple/scruples/saffron,quinine,musk hogshead/hogsheads/cider,molasses,wine fir
 gill/gills/brandy,gin,vinegar hectare/hectares/vineyard,orchard,pasture pennyweight/pennyweights/gold,silver,platinum
 minim/minims/laudanum,tincture,oil pottle/pottles/wine,mead,cider""".split())]
 
+# With `implied_unit`, a measure problem names only its material ("5 measures of molasses") and the
+# answer needs the unit that material always comes in ("#### 17 hogsheads"): one material per unit,
+# the first of the unit's materials that no more common unit has taken. The unit word is then
+# recalled, not copied from the question. No material is an answer word.
+def _implied_materials() -> dict[str, str]:
+    used: set[str] = set()
+    out = {}
+    for sing, _, materials in MEASURES:
+        material = next(m for m in materials if m not in used)
+        used.add(material)
+        out[sing] = material
+    return out
+
+
+IMPLIED_MATERIAL: dict[str, str] = _implied_materials()  # unit (singular) -> its one material
+QUESTION_MEASURE = ("measure", "measures")  # the unit-less word an implied-unit question uses
+
 # every answer word the verifier knows, lower case -> its (singular, plural)
 UNIT_WORDS: dict[str, tuple[str, str]] = {}
 for _s, _p in OBJECTS + [(s, p) for s, p, _ in MEASURES]:
@@ -122,14 +141,17 @@ class Arith(Task):
 
     def __init__(self, seed: int = 0, steps: int = 2, min_steps: int = 1, max_operand: int = 20,
                  num_train: int = 5000, num_test: int = 500, measure_frac: float = 0.25,
-                 answer_fallback: bool = False, format_reward: float = 0.0):
+                 implied_unit: bool = False, answer_fallback: bool = False, format_reward: float = 0.0):
         super().__init__(format_reward=format_reward, answer_fallback=answer_fallback)
         if not 1 <= min_steps <= steps:
             raise ValueError(f"need 1 <= min_steps <= steps, got min_steps={min_steps}, steps={steps}")
         if max_operand < 2:
             raise ValueError(f"max_operand must be >= 2, got {max_operand}")
         self.seed, self.steps, self.min_steps, self.max_operand = seed, steps, min_steps, max_operand
+        if not 0.0 <= measure_frac <= 1.0:
+            raise ValueError(f"measure_frac must be in [0, 1], got {measure_frac}")
         self.num_train, self.num_test, self.measure_frac = num_train, num_test, measure_frac
+        self.implied_unit = bool(implied_unit)
 
     # ------------------------------------------------------------------ generation
     def generate(self, split: str, index: int) -> Example:
@@ -143,18 +165,23 @@ class Arith(Task):
 
     def _draw(self, rng: random.Random, split: str, index: int) -> Example:
         name = _zipf_choice(rng, NAMES, _NAME_CUM)
+        material = None
         if rng.random() < self.measure_frac:
             sing, plur, materials = _zipf_choice(rng, MEASURES, _MEAS_CUM)
-            tail = " of " + rng.choice(materials)
+            material = IMPLIED_MATERIAL[sing] if self.implied_unit else rng.choice(materials)
+            tail = " of " + material
         else:
             sing, plur = _zipf_choice(rng, OBJECTS, _OBJ_CUM)
             tail = ""
+        implied = self.implied_unit and material is not None
+        q_sing, q_plur = QUESTION_MEASURE if implied else (sing, plur)  # the words the question uses
 
-        def np(n: int) -> str:  # "1 quill", "5 furlongs of fence"
-            return f"{n} {sing if n == 1 else plur}{tail}"
+        def np(n: int) -> str:  # "1 quill", "5 furlongs of fence" (implied: "5 measures of molasses")
+            return f"{n} {q_sing if n == 1 else q_plur}{tail}"
 
         value = rng.randint(1, self.max_operand)
-        sents, work = [f"{name} has {np(value)}."], [f"{name} starts with {np(value)}."]
+        # the worked solution restates the start in the answer's own unit
+        sents, work = [f"{name} has {np(value)}."], [f"{name} starts with {value} {sing if value == 1 else plur}{tail}."]
         ops = []
         for _ in range(rng.randint(self.min_steps, self.steps)):
             kind = rng.choices(["add", "sub", "mul"], weights=[0.45, 0.35, 0.2])[0]
@@ -164,7 +191,7 @@ class Arith(Task):
                 kind = "sub"
             if kind == "add":
                 k = rng.randint(1, self.max_operand)
-                sents.append(f"{name} {rng.choice(_ADD)} {k} more {sing if k == 1 else plur}{tail}.")
+                sents.append(f"{name} {rng.choice(_ADD)} {k} more {q_sing if k == 1 else q_plur}{tail}.")
                 work.append(f"{value} + {k} = {value + k}.")
                 value += k
             elif kind == "sub":
@@ -174,16 +201,18 @@ class Arith(Task):
                 value -= k
             else:
                 k = rng.choice([2, 3])
-                sents.append(f"Now {name} has {_MUL[k]} as many {plur}{tail}.")
+                sents.append(f"Now {name} has {_MUL[k]} as many {q_plur}{tail}.")
                 work.append(f"{value} * {k} = {value * k}.")
                 value *= k
             ops.append((kind, k))
         unit = sing if value == 1 else plur
-        sents.append(f"How many {plur}{tail} does {name} have now?")
+        sents.append(f"How much {material} does {name} have now?" if implied
+                     else f"How many {plur}{tail} does {name} have now?")
         work.append(f"#### {value} {unit}")
         return Example(
             id=f"arith-{split}-{index}", question=" ".join(sents), answer=f"{value} {unit}", solution=" ".join(work),
-            meta={"number": value, "unit": plur, "unit_singular": sing, "name": name, "ops": ops},
+            meta={"number": value, "unit": plur, "unit_singular": sing, "name": name, "ops": ops,
+                  **({"material": material, "implied_unit": True} if implied else {})},
         )
 
     def _load(self, split: str) -> list[Example]:
