@@ -162,3 +162,22 @@ def test_mean_interval_and_percentile_bootstrap():
     p, lo, hi = I.bootstrap_ci([1.0, 2.0, 3.0, 4.0], stat=lambda a: float(max(a)), n_boot=300)
     assert p == 4.0 and 1.0 <= lo <= hi <= 4.0
     assert I.bootstrap_ci([2.5]) == (2.5, 2.5, 2.5) and all(math.isnan(v) for v in I.bootstrap_ci([]))
+
+
+def test_rounding_noise_is_no_difference():
+    """Differences at the level of float32 rounding (about 6e-8 of the values) are no evidence of an
+    effect: before the relative rule, float32 ulps gave p = 0.0016 and a 1e-9 shift with 2e-12
+    jitter gave p ~ 1e-20. The exact sign-flip test could never go below 2/2^8 = 0.0078 here."""
+    ones = np.ones(8)
+    rounded = np.array([float(np.float32(1 - e)) for e in (6e-8, 1.2e-7, 6e-8, 6e-8, 1.2e-7, 6e-8, 0, 6e-8)])
+    assert (ones - rounded).max() > 0  # the inputs do differ, by float32 ulps
+    r = I.paired_test(ones, rounded)
+    assert r.p == 1.0 and r.p >= I.min_signflip_p(8)
+    level = np.full(8, 0.9)
+    r = I.paired_test(level, level - 1e-9 * (1 + 1e-3 * np.arange(8)))
+    assert r.p == 1.0
+    m, lo, hi = I.mean_interval(rounded)
+    assert lo == hi == m
+    # a real shift with no spread still gets the exact sign-flip p (2/2^n), not 1
+    shift = I.paired_test(level + 0.01, level)
+    assert shift.p == pytest.approx(2 / 2**8)

@@ -16,6 +16,11 @@ Why these procedures (see docs/statistics.md and the project's statistics notes)
   gives a wider interval that also generalises over the choice of problems.
 - Multiple comparisons: Holm controls the family-wise error rate (checked against statsmodels'
   `multipletests`); Benjamini-Hochberg (`scipy.stats.false_discovery_control`) the FDR.
+- Margins: equivalence within +/- m by two one-sided tests (TOST, `tost_pvalue`); non-inferiority
+  as a two-sided test of diff = -m (`shifted_pvalue`), whose direction says "not worse by more than
+  m" or "worse by more than m". Checked by simulation at the margin in tests/test_calibration.py.
+- Rounding noise: differences and spreads below NUMERIC_RTOL of the values' magnitude are noise
+  (`negligible`), so float32 ulps never become p = 1e-18.
 - Power: the minimum detectable effect at 80% power, (t_{1-a/2,n-1} + t_{0.8,n-1}) sd / sqrt(n),
   and the seeds needed for an observed effect (checked against statsmodels' `TTestPower`).
 """
@@ -33,6 +38,10 @@ from scipy import stats
 ArrayLike = Sequence[float] | np.ndarray
 POWER = 0.8
 MAX_SEEDS = 1000  # seeds_needed gives up beyond this
+# differences and spreads below this share of the values' magnitude are rounding noise: logged
+# metrics are often float32 means (one ulp near 1 is 6e-8), so 1e-6 sits above their noise and far
+# below any effect worth reporting
+NUMERIC_RTOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -115,22 +124,29 @@ def seeds_needed(effect: float, sd: float, alpha: float = 0.05, power: float = P
     return int(ns[hit[0]]) if hit.size else None
 
 
-def _near_zero(sd: float, scale: float) -> bool:
-    return sd <= 1e-12 * max(1.0, abs(scale))
+def negligible(x: float, level: float) -> bool:
+    """True when |x| is at most NUMERIC_RTOL of the measured values' level (max |value|): rounding
+    noise, not an effect. Relative to the values, not to the difference, so a 1e-9 shift of values
+    near 1 is noise however small its own spread."""
+    return abs(x) <= NUMERIC_RTOL * level
 
 
 def _result_from_seed_diffs(
-    d: np.ndarray, se: float, df: int, alpha: float, test: str, extra: dict[str, float]
+    d: np.ndarray, se: float, df: int, alpha: float, test: str, extra: dict[str, float], level: float
 ) -> PairedResult:
-    """Assemble a PairedResult from per-seed differences and the standard error of their mean."""
+    """Assemble a PairedResult from per-seed differences and the standard error of their mean.
+
+    `level`: the magnitude of the compared values (max |value|), the scale of `negligible`."""
     n = int(d.size)
     diff = float(d.mean())
     sd = se * math.sqrt(n)
     p_flip = sign_flip_pvalue(d)
-    if _near_zero(sd, diff):
-        # the t statistic is undefined (no spread): fall back to the exact sign-flip p
-        p, lo, hi = (1.0 if diff == 0 else p_flip), diff, diff
-        dz = gz = (0.0 if diff == 0 else math.copysign(math.inf, diff))
+    if negligible(sd, level):
+        # no spread beyond rounding: t is undefined. A difference that is itself rounding noise is
+        # no difference (p = 1); a real constant shift gets the exact sign-flip p (floor 2/2^n)
+        zero = negligible(diff, level)
+        p, lo, hi = (1.0 if zero else p_flip), diff, diff
+        dz = gz = (0.0 if zero else math.copysign(math.inf, diff))
         sd = 0.0
     else:
         t = diff / se
@@ -175,7 +191,8 @@ def paired_test(method: ArrayLike, baseline: ArrayLike, alpha: float = 0.05) -> 
     if d.size < 2:
         return _empty(int(d.size), float(d.mean()) if d.size else math.nan, "paired t")
     se = float(np.std(d, ddof=1) / math.sqrt(d.size))
-    return _result_from_seed_diffs(d, se, d.size - 1, alpha, "paired t", {})
+    level = float(max(np.abs(x[ok]).max(), np.abs(y[ok]).max()))
+    return _result_from_seed_diffs(d, se, d.size - 1, alpha, "paired t", {}, level)
 
 
 def _resample_counts(rng: np.random.Generator, n_boot: int, k: int) -> np.ndarray:
@@ -234,7 +251,8 @@ def accuracy_test(
         "better": float(np.sum(D > 0)),
         "worse": float(np.sum(D < 0)),
     }
-    return _result_from_seed_diffs(d, se, d.size - 1, alpha, test, extra)
+    level = float(max(np.abs(a).max(), np.abs(b).max()))
+    return _result_from_seed_diffs(d, se, d.size - 1, alpha, test, extra, level)
 
 
 def mean_interval(values: ArrayLike, alpha: float = 0.05) -> tuple[float, float, float]:
@@ -245,7 +263,7 @@ def mean_interval(values: ArrayLike, alpha: float = 0.05) -> tuple[float, float,
     m = float(a.mean())
     if a.size < 2:
         return m, math.nan, math.nan
-    if _near_zero(float(np.std(a)), m):
+    if negligible(float(np.std(a)), float(np.abs(a).max())):
         return m, m, m
     ci = stats.ttest_1samp(a, 0.0).confidence_interval(1 - alpha)
     return m, float(ci.low), float(ci.high)
@@ -281,6 +299,54 @@ def adjust(pvalues: Sequence[float], method: str = "holm") -> np.ndarray:
     else:
         raise ValueError(f"unknown correction {method!r}; use 'holm' or 'bh'")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# margins: equivalence (TOST) and tests against a shifted null (non-inferiority)
+
+
+def _se_df(r: PairedResult) -> tuple[float, int]:
+    return r.sd / math.sqrt(r.n), r.n - 1
+
+
+def tost_pvalue(r: PairedResult, margin: float) -> float:
+    """p-value of equivalence within +/- margin by two one-sided t-tests (Schuirmann 1987): the larger
+    of the one-sided p of H0: diff <= -margin and of H0: diff >= +margin, on the test's own standard
+    error and n - 1 degrees of freedom. Equivalent at level alpha iff the (1 - 2 alpha) interval
+    lies inside [-margin, margin]. No spread: 1/2^n (the exact one-sided sign-flip p) if
+    |diff| < margin, else 1. NaN if nothing was tested."""
+    if r.n < 2 or not (math.isfinite(r.diff) and math.isfinite(r.sd)) or margin <= 0:
+        return math.nan
+    if r.sd == 0:
+        return 0.5**r.n if abs(r.diff) < margin else 1.0
+    se, df = _se_df(r)
+    p_low = stats.t.sf((r.diff + margin) / se, df)
+    p_high = stats.t.cdf((r.diff - margin) / se, df)
+    return float(max(p_low, p_high))
+
+
+def shifted_pvalue(r: PairedResult, null: float) -> float:
+    """Two-sided p of H0: diff = null, on the test's standard error and n - 1 degrees of freedom.
+
+    With null = -margin (higher is better) it is a non-inferiority test: p < alpha with
+    diff > null means the (1 - alpha) interval's lower bound is above -margin (one-sided level
+    alpha / 2, the ICH E9 convention); p < alpha with diff < null means worse by more than the
+    margin. No spread: 2/2^n (exact sign flip) if diff != null, else 1."""
+    if r.n < 2 or not (math.isfinite(r.diff) and math.isfinite(r.sd)):
+        return math.nan
+    if r.sd == 0:
+        return 1.0 if r.diff == null else min_signflip_p(r.n)
+    se, df = _se_df(r)
+    return float(2 * stats.t.sf(abs(r.diff - null) / se, df))
+
+
+def interval(r: PairedResult, alpha: float) -> tuple[float, float]:
+    """The (1 - alpha) t-interval of the difference at any level (e.g. 1 - 2 alpha for TOST)."""
+    if r.n < 2 or not math.isfinite(r.sd):
+        return math.nan, math.nan
+    se, df = _se_df(r)
+    half = float(stats.t.ppf(1 - alpha / 2, df)) * se
+    return r.diff - half, r.diff + half
 
 
 # ----------------------------------------------------------------------------------------------
