@@ -176,11 +176,11 @@ def test_dose_series_are_read_from_the_method_descriptions():
     assert dose_series({"ppo": {"loss": "ppo"}}) == {}
 
 
-def test_trend_slope_matches_statsmodels_with_seed_fixed_effects():
+def test_descriptive_fe_slope_matches_statsmodels_with_seed_fixed_effects():
     import pandas as pd
     import statsmodels.formula.api as smf
 
-    from tokentrust.report_study import trend
+    from tokentrust.report_study import trend_fixed_effects as trend
 
     rng = np.random.default_rng(3)
     pts = [(x, s, 0.3 * x + 0.5 * s + rng.normal(0, 0.2)) for x in (-1, -0.5, 0, 0.5, 1, 2) for s in range(4)]
