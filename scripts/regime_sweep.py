@@ -9,6 +9,12 @@ interruption (finished runs are skipped) and any run can be inspected or re-repo
 
     python scripts/regime_sweep.py --spec docs/results/regime-sweep/probe.json --out runs/regime-sweep
     python scripts/regime_sweep.py --spec ... --out ... --table-only     # rebuild the table
+    python scripts/regime_sweep.py --spec docs/results/headroom-sweep/sweep.json --out runs/headroom \
+        --threads 1 --results docs/results/headroom-sweep    # one run at a time, 1 thread each
+
+With an end-of-run evaluation (task.eval_limit > 0) each regime's warm start (its runs' model with
+no RL step) is evaluated the same way into OUT/<regime>/warm_start/, and the table adds greedy
+pass@1 before and after RL, the gain, and accuracy on problems whose answer word is rare.
 
 Spec (JSON): {"preset": "tiny-arith", "overrides": {...}, "seeds": [0, 1, 2],
               "methods": ["ppo", "dppo-tv", ...],
@@ -28,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from tokentrust.compare import METHODS, run_grid
+from tokentrust.compare import METHODS, _run_one, evaluate_warm_start, run_configs, run_grid, run_status
 from tokentrust.config import deep_merge
 from tokentrust.metrics import collapse_events, load_metrics
 
@@ -54,10 +60,25 @@ def run_row(run_dir: Path) -> dict[str, float]:
            "step_s": float(get("timing/step_s").mean()) if recs else float("nan")}
     staleness = get("rollout/staleness")
     out["staleness"] = float(staleness.max()) if staleness.size else 0.0
-    res = run_dir / "eval" / "results.json"
-    if res.exists():
-        out["greedy_pass@1"] = float(json.loads(res.read_text()).get("greedy_pass@1", float("nan")))
+    out.update(eval_row(run_dir))
+    entropy = get("actor/entropy")
+    if entropy.size:
+        out["entropy_first10"], out["entropy_last10"] = float(entropy[:10].mean()), float(entropy[-10:].mean())
+    if reward.size:
+        out["reward_first10"], out["reward_last10"] = float(reward[:10].mean()), float(reward[-10:].mean())
     return out
+
+
+EVAL_KEYS = ("greedy_pass@1", "acc_rare_answer", "acc_common_answer", "num_rare_answer", "num_problems")
+
+
+def eval_row(run_dir: Path) -> dict[str, float]:
+    """The end-of-run evaluation's headline numbers ({} without one)."""
+    res = run_dir / "eval" / "results.json"
+    if not res.exists():
+        return {}
+    data = json.loads(res.read_text())
+    return {k: float(data[k]) for k in EVAL_KEYS if isinstance(data.get(k), (int, float))}
 
 
 BUCKETS = ("0-50%", "50-80%", "80-95%", "95-99%", "99-100%", "unseen", "special")  # default edges
@@ -98,7 +119,23 @@ def mechanism_table(out: Path, spec: dict[str, Any], method: str = "dppo-tv") ->
     return "\n".join(lines)
 
 
-def run_sweep(spec: dict[str, Any], out: Path, workers: int, table_only: bool) -> list[dict[str, Any]]:
+def run_sequential(grid: dict[str, Any], gdir: Path, threads: int) -> None:
+    """Every run of ``grid`` one after another with ``threads`` threads each (finished runs skipped),
+    then its warm start; for a machine shared with others."""
+    runs = run_configs(grid, gdir)
+    for name, seed, cfg in runs:
+        status = run_status(Path(cfg.out_dir))
+        if status == "done":
+            continue
+        t0 = time.time()
+        _run_one(cfg, status, threads)
+        print(f"  {name} seed {seed}: {time.time() - t0:.0f}s", flush=True)
+    if runs and runs[0][2].task.eval_limit > 0:
+        evaluate_warm_start(runs[0][2], gdir, threads=threads)
+
+
+def run_sweep(spec: dict[str, Any], out: Path, workers: int, table_only: bool,
+              threads: int = 0) -> list[dict[str, Any]]:
     rows = []
     for regime, over in spec["regimes"].items():
         grid = {"name": f"sweep-{regime}", "preset": spec.get("preset", "tiny-arith"),
@@ -107,15 +144,24 @@ def run_sweep(spec: dict[str, Any], out: Path, workers: int, table_only: bool) -
         gdir = out / regime
         if not table_only:
             t0 = time.time()
-            run_grid(grid, gdir, workers=workers, build_report=False,
-                     command="python " + " ".join(sys.argv))
+            if threads:
+                run_sequential(grid, gdir, threads)
+            else:
+                run_grid(grid, gdir, workers=workers, build_report=False,
+                         command="python " + " ".join(sys.argv))
             print(f"regime {regime}: {time.time() - t0:.0f}s", flush=True)
+        warm = eval_row(gdir / "warm_start")
         for m in spec["methods"]:
             name = m if isinstance(m, str) else m["name"]
             for seed in spec["seeds"]:
                 d = gdir / "runs" / name / f"seed_{seed}"
                 if (d / "metrics.jsonl").exists():
-                    rows.append({"regime": regime, "method": name, "seed": seed, **run_row(d)})
+                    row = {"regime": regime, "method": name, "seed": seed, **run_row(d)}
+                    for k, v in warm.items():
+                        row[f"warm_{k}"] = v
+                    if "greedy_pass@1" in row and "greedy_pass@1" in warm:
+                        row["gain"] = row["greedy_pass@1"] - warm["greedy_pass@1"]
+                    rows.append(row)
     return rows
 
 
@@ -138,11 +184,34 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def gain_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: held-out greedy pass@1 of the warm start and after RL, per (regime, method); one line
+    per seed and the mean. Empty when no run was evaluated."""
+    rows = [r for r in rows if "greedy_pass@1" in r]
+    if not rows:
+        return ""
+    lines = ["| regime | method | seed | problems (rare) | warm start | after RL | gain | rare: warm -> RL | "
+             "reward first 10 -> last 10 | entropy first 10 -> last 10 | s/step |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    nan = float("nan")
+    for r in rows:
+        lines.append(f"| {r['regime']} | {r['method']} | {r['seed']} | {r.get('num_problems', nan):.0f} "
+                     f"({r.get('num_rare_answer', nan):.0f}) | {r.get('warm_greedy_pass@1', nan):.3f} | "
+                     f"{r['greedy_pass@1']:.3f} | {r.get('gain', nan):+.3f} | "
+                     f"{r.get('warm_acc_rare_answer', nan):.3f} -> {r.get('acc_rare_answer', nan):.3f} | "
+                     f"{r.get('reward_first10', nan):.3f} -> {r.get('reward_last10', nan):.3f} | "
+                     f"{r.get('entropy_first10', nan):.2f} -> {r.get('entropy_last10', nan):.2f} | "
+                     f"{r.get('step_s', nan):.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--spec", required=True, help="sweep spec (JSON)")
     ap.add_argument("--out", required=True, help="directory for the run grids")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="run one run at a time with this many threads (ignores --workers); 0: a parallel grid")
     ap.add_argument("--table-only", action="store_true", help="only rebuild the table from existing runs")
     ap.add_argument("--results", default=None, help="write sweep.csv and sweep.md here (default: --out)")
     args = ap.parse_args()
@@ -151,7 +220,7 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"{args.spec}: unknown method(s) {unknown}")
     out = Path(args.out)
-    rows = run_sweep(spec, out, args.workers, args.table_only)
+    rows = run_sweep(spec, out, args.workers, args.table_only, threads=args.threads)
     res = Path(args.results or out)
     res.mkdir(parents=True, exist_ok=True)
     with open(res / "sweep.csv", "w", newline="") as fh:
@@ -159,7 +228,8 @@ def main() -> int:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    md = table(rows) + "\n\n" + mechanism_table(out, spec)
+    gains = gain_table(rows)
+    md = (gains + "\n\n" if gains else "") + table(rows) + "\n\n" + mechanism_table(out, spec)
     (res / "sweep.md").write_text(md + "\n")
     print(md)
     return 0
