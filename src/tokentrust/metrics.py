@@ -26,80 +26,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-Record = Mapping[str, Any]
-
-# ----------------------------------------------------------------------------------------------
-# reading logs
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Parse a JSONL file, skipping lines that are not complete JSON objects.
-
-    A crash can leave a trailing partial line, and a resumed writer may then append to it, so an
-    unparsable line anywhere is skipped (with a warning if it is not the last line).
-    """
-    out: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().split("\n")
-    bad = 0
-    for i, line in enumerate(lines):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:  # the last element has no trailing newline: a partial write
-                bad += 1
-            continue
-        if isinstance(obj, dict):
-            out.append(obj)
-    if bad:
-        warnings.warn(f"{path}: skipped {bad} malformed line(s)", stacklevel=2)
-    return out
-
-
-def load_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Step records of a run (RUN_DIR or RUN_DIR/metrics.jsonl), sorted by step.
-
-    After a resume the same step can be logged twice; the later record wins.
-    """
-    p = Path(path)
-    if p.is_dir():
-        p = p / "metrics.jsonl"
-    if not p.exists():
-        return []
-    by_step: dict[Any, dict[str, Any]] = {}
-    for i, rec in enumerate(read_jsonl(p)):
-        by_step[rec.get("step", f"_row{i}")] = rec
-    numeric = [k for k in by_step if isinstance(k, (int, float))]
-    other = [k for k in by_step if not isinstance(k, (int, float))]
-    return [by_step[k] for k in sorted(numeric)] + [by_step[k] for k in other]
-
-
-def _finite(x: Any) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def curve(records: Sequence[Record], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of one metric over the run, keeping only finite values."""
-    steps, vals = [], []
-    for i, r in enumerate(records):
-        v = _finite(r.get(key))
-        if v is None:
-            continue
-        s = _finite(r.get("step"))
-        steps.append(float(i) if s is None else s)
-        vals.append(v)
-    return np.asarray(steps, dtype=np.float64), np.asarray(vals, dtype=np.float64)
-
-
-def _values(records: Sequence[Record], key: str) -> np.ndarray:
-    return curve(records, key)[1]
-
+from tokentrust.metric_logs import Record, _finite, _values, curve, load_metrics, read_jsonl  # noqa: F401
+from tokentrust.stability import (  # noqa: F401  (re-exported: metrics was one module)
+    collapse_events,
+    drawdown_smoothed,
+    entropy_trajectory,
+    grad_norm_p99,
+    grad_spike_count,
+    loss_variance,
+    max_drawdown,
+    mean_abs_pi_mu,
+    reward_diff_std,
+    reward_noise_design_effect,
+    reward_noise_normalized,
+    reward_std,
+    time_to_collapse,
+    uniform_group_probability,
+)
 
 # ----------------------------------------------------------------------------------------------
 # accuracy
@@ -139,152 +82,6 @@ def greedy_pass_at_1(correct: Sequence[float] | np.ndarray) -> float:
     """Fraction of problems whose single greedy completion is correct."""
     a = np.asarray(correct, dtype=np.float64).reshape(-1)
     return float(a.mean()) if a.size else float("nan")
-
-
-# ----------------------------------------------------------------------------------------------
-# stability
-
-
-def reward_std(records: Sequence[Record], key: str = "reward/mean") -> float:
-    """Sample std (ddof=1) of the per-step mean reward. Includes the learning trend."""
-    v = _values(records, key)
-    return float(np.std(v, ddof=1)) if v.size >= 2 else float("nan")
-
-
-def reward_diff_std(records: Sequence[Record], key: str = "reward/mean") -> float:
-    """Std of step-to-step changes of the mean reward: step noise with the trend removed."""
-    v = _values(records, key)
-    return float(np.std(np.diff(v), ddof=1)) if v.size >= 3 else float("nan")
-
-
-def reward_noise_normalized(
-    records: Sequence[Record], samples_per_step: int | None, key: str = "reward/mean"
-) -> float:
-    """Step-to-step reward noise in units of its Bernoulli sampling noise.
-
-    A mean of m Bernoulli(p) rewards has variance p(1-p)/m, so raw noise peaks at p = 0.5 and a
-    method that sits nearer 0.5 looks less stable. Here each change r_t - r_{t-1} is divided by
-    sqrt(2 pbar (1 - pbar) / m), pbar = (r_t + r_{t-1}) / 2 clipped to [0.5/m, 1 - 0.5/m], and
-    the std of these z-scores is returned, larger when the policy itself jumps. m =
-    prompts_per_step * group_size. The G samples of one prompt are correlated (intra-prompt
-    correlation rho), so pure sampling noise gives about sqrt(1 + (G - 1) rho), not 1; the metric
-    compares methods run with the same G and prompts, not against an absolute scale. NaN without m
-    or with < 3 steps."""
-    v = _values(records, key)
-    if not samples_per_step or samples_per_step < 1 or v.size < 3:
-        return float("nan")
-    m = float(samples_per_step)
-    pbar = np.clip((v[1:] + v[:-1]) / 2, 0.5 / m, 1 - 0.5 / m)
-    z = np.diff(v) / np.sqrt(2 * pbar * (1 - pbar) / m)
-    return float(np.std(z, ddof=1))
-
-
-def collapse_events(
-    curve_values: Sequence[float] | np.ndarray,
-    frac: float = 0.5,
-    min_steps: int = 3,
-    min_peak: float = 0.2,
-) -> list[tuple[int, int]]:
-    """Collapse events of a reward curve as (first index, length).
-
-    An event is a maximal run of at least `min_steps` consecutive points below `frac` times the
-    running maximum (including the current point), counted only once that maximum is at least
-    `min_peak` (so a run that never learned does not "collapse")."""
-    a = np.asarray(curve_values, dtype=np.float64)
-    a = a[np.isfinite(a)]
-    if a.size == 0:
-        return []
-    peak = np.maximum.accumulate(a)
-    below = (peak >= min_peak) & (a < frac * peak)
-    events, start = [], None
-    for i, b in enumerate([*below.tolist(), False]):
-        if b and start is None:
-            start = i
-        elif not b and start is not None:
-            if i - start >= min_steps:
-                events.append((start, i - start))
-            start = None
-    return events
-
-
-def time_to_collapse(
-    steps: Sequence[float] | np.ndarray, curve_values: Sequence[float] | np.ndarray, **kw: float
-) -> tuple[float, bool]:
-    """(step of the first collapse event, True), or (last step, False) when none: censored.
-
-    `kw` is passed to `collapse_events`."""
-    s = np.asarray(steps, dtype=np.float64)
-    if s.size == 0:
-        return float("nan"), False
-    ev = collapse_events(curve_values, **kw)  # type: ignore[arg-type]
-    return (float(s[ev[0][0]]), True) if ev else (float(s[-1]), False)
-
-
-def loss_variance(records: Sequence[Record], key: str = "loss/total") -> float:
-    """Sample variance (ddof=1) of the per-step loss (falls back to loss/policy)."""
-    v = _values(records, key)
-    if v.size == 0 and key == "loss/total":
-        v = _values(records, "loss/policy")
-    return float(np.var(v, ddof=1)) if v.size >= 2 else float("nan")
-
-
-def max_drawdown(curve_values: Sequence[float] | np.ndarray) -> float:
-    """Largest drop of a curve below its running maximum (>= 0; 0 for a non-decreasing curve)."""
-    a = np.asarray(curve_values, dtype=np.float64)
-    a = a[np.isfinite(a)]
-    if a.size == 0:
-        return float("nan")
-    return float(np.max(np.maximum.accumulate(a) - a))
-
-
-def grad_norm_p99(records: Sequence[Record], key: str = "actor/grad_norm") -> float:
-    """99th percentile of the finite per-step gradient norms."""
-    v = _values(records, key)
-    return float(np.percentile(v, 99)) if v.size else float("nan")
-
-
-def grad_spike_count(
-    norms: Sequence[float] | np.ndarray,
-    factor: float = 3.0,
-    window: int = 20,
-    min_history: int = 5,
-) -> int:
-    """Number of gradient-norm spikes.
-
-    Step t is a spike if norm_t > factor * median(finite norms of steps t-window .. t-1) and that
-    window holds at least `min_history` finite norms (so the first steps are never judged). A
-    non-finite norm (inf / nan) always counts as a spike and is left out of later medians.
-    """
-    a = np.asarray(norms, dtype=np.float64).reshape(-1)
-    spikes = 0
-    for t in range(a.size):
-        if not math.isfinite(a[t]):
-            spikes += 1
-            continue
-        prev = a[max(0, t - window) : t]
-        prev = prev[np.isfinite(prev)]
-        if prev.size >= min_history and a[t] > factor * np.median(prev):
-            spikes += 1
-    return spikes
-
-
-def entropy_trajectory(
-    records: Sequence[Record], key: str = "actor/entropy", window: int = 10
-) -> dict[str, float]:
-    """Entropy at the start (mean of the first `window` steps), end (last `window`) and the
-    least-squares slope per step over the whole run."""
-    steps, v = curve(records, key)
-    nan = float("nan")
-    if v.size == 0:
-        return {"first": nan, "last": nan, "slope": nan}
-    slope = float(np.polyfit(steps, v, 1)[0]) if np.unique(steps).size >= 2 else nan
-    return {"first": float(v[:window].mean()), "last": float(v[-window:].mean()), "slope": slope}
-
-
-def mean_abs_pi_mu(records: Sequence[Record], key: str = "trust_region/abs_diff_mean") -> float:
-    """Mean over steps of the logged mean |pi - mu| on valid tokens."""
-    v = _values(records, key)
-    return float(v.mean()) if v.size else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,11 +303,12 @@ def _head_tail(v: np.ndarray, w: int = 10) -> tuple[float, float]:
 
 
 def summarize_records(
-    records: Sequence[Record], samples_per_step: int | None = None
+    records: Sequence[Record], samples_per_step: int | None = None, group_size: int | None = None
 ) -> dict[str, float]:
     """Scalar training metrics of one run from its step records (see `summarize_run`).
 
-    `samples_per_step` (prompts_per_step * group_size) normalises the reward noise."""
+    `samples_per_step` (prompts_per_step * group_size) normalises the reward noise; with
+    `group_size` too, the noise is also corrected for the within-prompt correlation."""
     out: dict[str, float] = {"train/steps": float(len(records))}
     if not records:
         return out
@@ -518,7 +316,10 @@ def summarize_records(
     out["stability/reward_std"] = reward_std(records)
     out["stability/reward_diff_std"] = reward_diff_std(records)
     out["stability/reward_noise_norm"] = reward_noise_normalized(records, samples_per_step)
+    prompts = samples_per_step // group_size if samples_per_step and group_size else None
+    out["stability/reward_noise_deff"] = reward_noise_design_effect(records, prompts, group_size)
     out["stability/max_drawdown"] = max_drawdown(reward)
+    out["stability/drawdown_smoothed"] = drawdown_smoothed(reward)
     out["stability/collapse_count"] = float(len(collapse_events(reward)))
     ttc, collapsed = time_to_collapse(rsteps, reward)
     out["stability/time_to_collapse"] = ttc
@@ -581,17 +382,39 @@ def summarize_eval(results: Mapping[str, Any]) -> dict[str, float]:
             out[_EVAL_RENAMES.get(k, f"eval/{k}")] = x
     if "coherence/nll" in out:
         out["coherence/ppl"] = math.exp(min(out["coherence/nll"], 700.0))
+    out.update(_seen_and_unseen(results, out))
     return out
+
+
+def _seen_and_unseen(results: Mapping[str, Any], flat: Mapping[str, float]) -> dict[str, float]:
+    """Split the rare-token share: tokens the corpus never holds (the unseen bucket, second to last
+    of `bucket_shares`; garbage, a coherence outcome) and rare tokens it does hold (utility).
+
+    `rare_share` counts both over all generated tokens, so rare seen = rare - unseen."""
+    shares = results.get("bucket_shares")
+    if not isinstance(shares, (list, tuple)) or len(shares) < 2 or _finite(shares[-2]) is None:
+        return {}
+    unseen = float(shares[-2])
+    out = {"coherence/unseen_token_share": unseen}
+    if "rare/share_rare" in flat:
+        out["rare/share_rare_seen"] = max(0.0, flat["rare/share_rare"] - unseen)
+    return out
+
+
+def rollout_shape(run_dir: str | os.PathLike) -> tuple[int, int] | None:
+    """(rollout.prompts_per_step, rollout.group_size) from RUN_DIR/config.json (None if absent)."""
+    p = Path(run_dir) / "config.json"
+    try:
+        ro = json.loads(p.read_text(encoding="utf-8")).get("rollout", {})
+        return int(ro["prompts_per_step"]), int(ro["group_size"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def samples_per_step(run_dir: str | os.PathLike) -> int | None:
     """rollout.prompts_per_step * rollout.group_size from RUN_DIR/config.json (None if absent)."""
-    p = Path(run_dir) / "config.json"
-    try:
-        ro = json.loads(p.read_text(encoding="utf-8")).get("rollout", {})
-        return int(ro["prompts_per_step"]) * int(ro["group_size"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+    shape = rollout_shape(run_dir)
+    return shape[0] * shape[1] if shape else None
 
 
 def summarize_run(run_dir: str | os.PathLike, records: Sequence[Record] | None = None) -> dict[str, float]:
@@ -603,7 +426,9 @@ def summarize_run(run_dir: str | os.PathLike, records: Sequence[Record] | None =
     the raw per-step curves (see the functions above).
     """
     d = Path(run_dir)
-    out = summarize_records(load_metrics(d) if records is None else records, samples_per_step(d))
+    shape = rollout_shape(d)
+    out = summarize_records(load_metrics(d) if records is None else records,
+                            shape[0] * shape[1] if shape else None, shape[1] if shape else None)
     out["train/done"] = 1.0 if (d / "DONE").exists() else 0.0
     res = d / "eval" / "results.json"
     if res.exists():
