@@ -664,7 +664,8 @@ def test_drpo_gradient_equals_autograd_of_objective():
 
 ALL_CASES = [("ppo", {}), ("dppo-tv", {"delta": 0.1}), ("dppo-kl", {"delta": 0.02}), ("cppo", {}),
              ("drpo", {"delta": 0.1}), ("dppo-topk-tv", {"delta": 0.1}), ("dppo-topk-kl", {"delta": 0.02}),
-             ("pg-is", {}), ("decoupled-ppo", {})]
+             ("pg-is", {}), ("decoupled-ppo", {}), ("bandpo", {}), ("dcpo", {}), ("dppo-tv-hybrid", {"tau": 0.3}),
+             ("ppo-lowmu-exempt", {"tau": 0.3})]
 
 
 def call(name, params, logp, blogp, adv, mask, **kw):
@@ -783,13 +784,15 @@ def test_metrics_hand_case_delta_tensor():
     kept 4/5, pos 2/3; delta_mean over valid tokens = (.1+.3+.1+.1+.1)/5 = .14 (the 9 is padding).
     """
     delta = torch.tensor([[0.1, 0.3, 0.1], [0.1, 0.1, 9.0]], dtype=F64)
-    out = get_loss("dppo-tv")(*metrics_case(), delta=delta)
+    out = get_loss("dppo-tv")(*metrics_case(), delta=delta, is_cap=None)
     mt = out.metrics
     assert mt["kept_frac"] == pytest.approx(0.8)
     assert mt["kept_frac_pos"] == pytest.approx(2 / 3)
     assert mt["kept_frac_neg"] == pytest.approx(1.0)
     assert mt["delta_mean"] == pytest.approx(0.14)
     assert mt["over_cap_frac"] == 0.0  # no cap
+    # the default cap C = 3 (verl's clip_ratio_c): only r = 4 exceeds it
+    assert get_loss("dppo-tv")(*metrics_case(), delta=delta).metrics["over_cap_frac"] == pytest.approx(0.2)
 
 
 def test_ppo_metrics_hand_case():

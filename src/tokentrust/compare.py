@@ -22,15 +22,35 @@ from tokentrust.runlog import Progress, atomic_write_json, read_jsonl
 
 # Every method a grid may name. "family" groups them in the report: AV-DPPO variants are
 # what the hypotheses are about; everything else is a baseline.
-_AV = {"loss": "dppo-tv"}
+# DPPO's truncated IS weight min(r, C) with C = 3.0, as verl runs dppo_tv / dppo_kl (clip_ratio_c, docs/methods.md);
+# every DPPO-based method carries it so the primary pair stays matched. Grids committed before this cap
+# record is_cap null in grid.json (resolved_example): they ran uncapped, as the *-uncapped methods do.
+_CAP = 3.0
+_AV = {"loss": "dppo-tv", "is_cap": _CAP}
 METHODS: dict[str, dict[str, Any]] = {
     "ppo": {"algo": {"loss": "ppo", "eps_low": 0.2}, "family": "baseline", "description": "PPO ratio clip, eps 0.2"},
     "clip-higher": {"algo": {"loss": "ppo", "eps_low": 0.2, "eps_high": 0.28}, "family": "baseline",
                     "description": "DAPO clip-higher, eps 0.2 / 0.28"},
-    "dppo-tv": {"algo": {"loss": "dppo-tv", "delta": 0.15}, "family": "baseline", "description": "DPPO Binary-TV, delta 0.15"},
-    "dppo-kl": {"algo": {"loss": "dppo-kl", "delta": 0.05}, "family": "baseline", "description": "DPPO Binary-KL, delta 0.05"},
-    "dppo-topk-tv": {"algo": {"loss": "dppo-topk-tv", "delta": 0.15}, "family": "baseline",
-                     "description": "DPPO Top-K TV (K = 20), delta 0.15"},
+    "dppo-tv": {"algo": {"loss": "dppo-tv", "delta": 0.15, "is_cap": _CAP}, "family": "baseline",
+                "description": "DPPO Binary-TV, delta 0.15, IS weight capped at 3 (verl)"},
+    "dppo-kl": {"algo": {"loss": "dppo-kl", "delta": 0.05, "is_cap": _CAP}, "family": "baseline",
+                "description": "DPPO Binary-KL, delta 0.05, IS weight capped at 3 (verl)"},
+    "dppo-tv-uncapped": {"algo": {"loss": "dppo-tv", "delta": 0.15, "is_cap": None}, "family": "baseline",
+                         "description": "DPPO Binary-TV, delta 0.15, uncapped IS weight (dppo-tv before the cap)"},
+    "dppo-kl-uncapped": {"algo": {"loss": "dppo-kl", "delta": 0.05, "is_cap": None}, "family": "baseline",
+                         "description": "DPPO Binary-KL, delta 0.05, uncapped IS weight (dppo-kl before the cap)"},
+    "dppo-topk-tv": {"algo": {"loss": "dppo-topk-tv", "delta": 0.15, "is_cap": _CAP}, "family": "baseline",
+                     "description": "DPPO Top-K TV (K = 20), delta 0.15, IS weight capped at 3"},
+    "bandpo": {"algo": {"loss": "bandpo", "delta": 0.05, "eps_low": 0.2, "eps_high": 0.28}, "family": "baseline",
+               "description": "BandPO-KL bounds, radius 0.05, upper bound <= 10, dual clip 10 (BandPO main recipe)"},
+    "bandpo-relax": {"algo": {"loss": "bandpo", "delta": 0.05, "eps_low": 0.2, "eps_high": 0.28,
+                              "params": {"relax": True}}, "family": "baseline",
+                     "description": "BandPO-KL relaxed to the 0.2 / 0.28 clip (BandPO's _relax recipe)"},
+    "dcpo": {"algo": {"loss": "dcpo", "eps_low": 0.2, "eps_high": 0.28}, "family": "baseline",
+             "description": "DCPO dynamic adaptive clipping, eps 0.2 / 0.28, upper bound <= 10, dual clip 10"},
+    "ppo-lowmu-exempt": {"algo": {"loss": "ppo-lowmu-exempt", "eps_low": 0.2, "params": {"tau": 0.01}},
+                         "family": "ablation",
+                         "description": "PPO clip, eps 0.2, tokens with mu < 0.01 exempt (the hybrid's converse)"},
     "cppo": {"algo": {"loss": "cppo", "delta": 0.15}, "family": "baseline", "description": "CPPO, delta 0.15"},
     "drpo": {"algo": {"loss": "drpo", "delta": 12.5}, "family": "baseline",
              "description": "DRPO soft region, delta 12.5 (the UniRL reference setting)"},
@@ -52,6 +72,15 @@ for _kind, _short in (("frequency", "freq"), ("batch-frequency", "batch"), ("ent
 METHODS["av-freq-inverse"] = {"algo": {**_AV, "delta": 0.15, "thresholds": {"kind": "frequency", "beta": -0.5,
                                                                              "normalize": True}},
                               "family": "control", "description": "inverse control: beta -0.5 (tighter for rare tokens)"}
+METHODS["av-freq-norm-uncapped"] = {"algo": {**METHODS["av-freq-norm"]["algo"], "is_cap": None}, "family": "av-dppo",
+                                    "description": "AV-DPPO TV, frequency thresholds, beta 0.5, mean-preserving, "
+                                                   "uncapped IS weight (av-freq-norm before the cap)"}
+# The hybrid (issue 18, pre-registered in docs/results/hybrid-preregistration.md): av-freq-norm whose A > 0
+# tokens with mu < 0.01 are also ratio-bounded (r <= 1.2).
+METHODS["av-hybrid"] = {"algo": {**METHODS["av-freq-norm"]["algo"], "loss": "dppo-tv-hybrid", "eps_low": 0.2,
+                                 "params": {"tau": 0.01}},
+                        "family": "hybrid", "description": "AV-DPPO TV (as av-freq-norm) with A > 0 tokens of "
+                                                           "mu < 0.01 ratio-bounded at 1.2"}
 
 _FOUR = [0, 1, 2, 3]
 _STRESS_OTHERS = ("av-freq-inverse", "pg-is", "ppo", "clip-higher", "dppo-kl", "cppo", "decoupled-ppo", "drpo",

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tokentrust.thresholds import KINDS as THRESHOLD_KINDS
 
-PER_TOKEN_DELTA_LOSSES = ("dppo-tv", "dppo-kl", "dppo-topk-tv", "dppo-topk-kl", "drpo")
+PER_TOKEN_DELTA_LOSSES = ("dppo-tv", "dppo-kl", "dppo-topk-tv", "dppo-topk-kl", "drpo", "dppo-tv-hybrid")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 TRACKERS = ("tensorboard", "wandb")
 
@@ -120,7 +120,9 @@ class AlgoConfig(_Section):
     eps_high: float | None = Field(None, ge=0)  # PPO clip-higher (None = eps_low)
     params: dict[str, Any] = {}  # any other keyword of the loss (w_min, delta_b, ...)
     agg: Literal[AGGREGATIONS] = "token-mean"  # type: ignore[valid-type]
-    is_cap: float | None = Field(None, gt=0)  # truncated IS cap C (None = no cap)
+    # truncated IS cap C; null = no cap. Unset = the loss's own default, filled in by `resolve` (dppo-*: 3.0, as verl
+    # runs dppo_tv / dppo_kl; the others: none). Configs stored before that default record is_cap explicitly.
+    is_cap: float | None = Field(None, gt=0)
     adv_std_norm: bool = False  # divide group advantages by the group std
     kl_coef: float = Field(0.0, ge=0)  # KL to the frozen initial policy (k3 estimator); 0 = off
     anchor: Literal["rollout", "recompute"] = "rollout"  # mu from generation | an extra forward (ablations)
@@ -344,6 +346,8 @@ def resolve(preset: str | None = None, file: str | Path | None = None, overrides
     validate(cfg)
     if cfg.algo.delta is None:
         cfg.algo.delta = default_delta(cfg.algo.loss)
+    if "is_cap" not in cfg.algo.model_fields_set:
+        cfg.algo.is_cap = default_is_cap(cfg.algo.loss)
     return cfg
 
 
@@ -353,6 +357,14 @@ def default_delta(loss: str) -> float | None:
 
     p = inspect.signature(get_loss(loss)).parameters.get("delta")
     return None if p is None or p.default is inspect.Parameter.empty else float(p.default)
+
+
+def default_is_cap(loss: str) -> float | None:
+    """The loss's own default truncated-IS cap (its signature's ``is_cap``), None if uncapped."""
+    from tokentrust.losses import get_loss
+
+    p = inspect.signature(get_loss(loss)).parameters.get("is_cap")
+    return None if p is None or p.default in (None, inspect.Parameter.empty) else float(p.default)
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -12,7 +12,7 @@ from tokentrust.losses.core import AGGREGATIONS, LossOutput, aggregate
 from tokentrust.losses.registry import available_losses, get_loss, register_loss
 
 # Importing the modules registers their losses.
-from tokentrust.losses import ppo, dppo, cppo, drpo, pg, decoupled  # noqa: E402,F401
+from tokentrust.losses import ppo, dppo, cppo, drpo, pg, decoupled, bandpo  # noqa: E402,F401
 from tokentrust.losses.decoupled import NEEDS_PROX_LOGP, needs_prox_logp  # noqa: E402
 
 __all__ = ["AGGREGATIONS", "LossOutput", "NEEDS_PROX_LOGP", "aggregate", "available_losses", "get_loss",

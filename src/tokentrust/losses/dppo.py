@@ -6,7 +6,8 @@ advantage pushes AND the divergence D_t already exceeds the threshold:
     (A > 0 and r > 1 and D > delta) or (A < 0 and r < 1 and D > delta)
 
 ``delta`` may be a float or a [B, T] tensor of per-token thresholds (AV-DPPO, see
-``tokentrust.thresholds``). Kept tokens get the gradient weight min(r, C) * A.
+``tokentrust.thresholds``). Kept tokens get the gradient weight min(r, C) * A, with C = ``is_cap``
+defaulting to ``IS_CAP`` = 3.0 as verl runs ``dppo_tv`` / ``dppo_kl`` (``is_cap=None``: uncapped).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from tokentrust.losses.core import (LossOutput, PolicyInputs, aggregate, as_thre
 from tokentrust.losses.registry import register_loss
 
 SURROGATES = ("ratio", "logp")
+# verl (verl/trainer/ppo/core_algos.py, compute_policy_loss_dppo_tv / _kl) truncates the detached ratio at
+# config.clip_ratio_c, whose ActorConfig default is 3.0 (verl/workers/config/actor.py, actor.yaml).
+IS_CAP = 3.0
 
 
 def binary_tv(x: PolicyInputs) -> torch.Tensor:
@@ -62,13 +66,18 @@ def topk_divergence(behavior_topk_logp: torch.Tensor, topk_logp: torch.Tensor, k
 
 def divergence_mask_loss(x: PolicyInputs, divergence: torch.Tensor, delta: float | torch.Tensor, *, agg: str,
                          is_cap: float | None, surrogate_kind: str, horizon: int | None,
-                         global_tokens: float | None, global_seqs: float | None) -> LossOutput:
-    """The DPPO objective for any per-token divergence D_t (shared by all DPPO variants)."""
+                         global_tokens: float | None, global_seqs: float | None,
+                         also_masked: torch.Tensor | None = None) -> LossOutput:
+    """The DPPO objective for any per-token divergence D_t (shared by all DPPO variants).
+
+    ``also_masked``: [B, T] bool, tokens masked in addition to the divergence mask (the hybrid)."""
     if surrogate_kind not in SURROGATES:
         raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate_kind!r}")
     a, r = x.advantages, x.ratio
     over = divergence.to(r.dtype) > delta
     masked = over & (((a > 0) & (r > 1)) | ((a < 0) & (r < 1)))
+    if also_masked is not None:
+        masked = masked | also_masked
     keep = x.mask & ~masked
     w = truncated_weight(r, is_cap)
     weight = -(keep * w * a)
@@ -82,7 +91,7 @@ def divergence_mask_loss(x: PolicyInputs, divergence: torch.Tensor, delta: float
 def _binary(kind: str):
     def loss(logp: torch.Tensor, behavior_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
              delta: float | torch.Tensor = 0.15 if kind == "tv" else 0.05, agg: str = "token-mean",
-             is_cap: float | None = None, surrogate: str = "ratio", horizon: int | None = None,
+             is_cap: float | None = IS_CAP, surrogate: str = "ratio", horizon: int | None = None,
              global_tokens: float | None = None, global_seqs: float | None = None) -> LossOutput:
         check_agg(agg)
         x = prepare(logp, behavior_logp, advantages, mask)
@@ -102,7 +111,7 @@ def _topk(kind: str):
     def loss(logp: torch.Tensor, behavior_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
              behavior_topk_logp: torch.Tensor, topk_logp: torch.Tensor,
              delta: float | torch.Tensor = 0.15 if kind == "tv" else 0.05, agg: str = "token-mean",
-             is_cap: float | None = None, surrogate: str = "ratio", horizon: int | None = None,
+             is_cap: float | None = IS_CAP, surrogate: str = "ratio", horizon: int | None = None,
              global_tokens: float | None = None, global_seqs: float | None = None) -> LossOutput:
         check_agg(agg)
         x = prepare(logp, behavior_logp, advantages, mask)
@@ -124,3 +133,31 @@ dppo_tv_loss = register_loss("dppo-tv")(_binary("tv"))
 dppo_kl_loss = register_loss("dppo-kl")(_binary("kl"))
 dppo_topk_tv_loss = register_loss("dppo-topk-tv")(_topk("tv"))
 dppo_topk_kl_loss = register_loss("dppo-topk-kl")(_topk("kl"))
+
+
+@register_loss("dppo-tv-hybrid")
+def dppo_tv_hybrid_loss(logp: torch.Tensor, behavior_logp: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, *, delta: float | torch.Tensor = 0.15, tau: float = 0.01,
+                        eps_low: float = 0.2, eps_high: float | None = None, agg: str = "token-mean",
+                        is_cap: float | None = IS_CAP, surrogate: str = "ratio", horizon: int | None = None,
+                        global_tokens: float | None = None, global_seqs: float | None = None) -> LossOutput:
+    """DPPO Binary-TV whose A > 0 tokens with mu_t < ``tau`` are also ratio-bounded.
+
+    Masked iff DPPO-TV masks the token (with ``delta`` per token, so AV-DPPO thresholds apply) or
+    A > 0, mu_t < tau and r > 1 + eps_high (eps_high None = eps_low, as in ``ppo``): loose for
+    plausible tokens, PPO's upper clip for improbable ones on the side that raises them.
+    """
+    if not 0 < tau <= 1:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    eps_high = eps_low if eps_high is None else eps_high
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}")
+    check_agg(agg)
+    x = prepare(logp, behavior_logp, advantages, mask)
+    delta = as_threshold(delta, x.logp)
+    bounded = (x.advantages > 0) & (x.mu < tau) & (x.ratio > 1 + eps_high)
+    out = divergence_mask_loss(x, binary_tv(x), delta, agg=agg, is_cap=is_cap, surrogate_kind=surrogate,
+                               horizon=horizon, global_tokens=global_tokens, global_seqs=global_seqs,
+                               also_masked=bounded)
+    out.metrics["ratio_bounded_frac"] = float((bounded & x.mask).sum() / x.mask.sum().clamp(min=1))
+    return out
