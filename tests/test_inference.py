@@ -181,3 +181,26 @@ def test_rounding_noise_is_no_difference():
     # a real shift with no spread still gets the exact sign-flip p (2/2^n), not 1
     shift = I.paired_test(level + 0.01, level)
     assert shift.p == pytest.approx(2 / 2**8)
+
+
+def test_tost_and_shifted_null_against_statsmodels():
+    from statsmodels.stats.weightstats import ttost_paired
+
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(0.1, 1, 8), rng.normal(0.0, 1, 8)
+    r = I.paired_test(x, y)
+    for m in (0.3, 1.0, 2.5):
+        ref = ttost_paired(x, y, -m, m)[0]
+        assert I.tost_pvalue(r, m) == pytest.approx(ref, rel=1e-9)
+    d = x - y
+    for null in (-0.5, 0.0, 0.7):  # the two-sided one-sample t-test of mean(d) = null
+        assert I.shifted_pvalue(r, null) == pytest.approx(stats.ttest_1samp(d, null).pvalue, rel=1e-9)
+    lo, hi = I.interval(r, 0.10)  # the 90% interval TOST uses at alpha 0.05
+    ci = stats.ttest_1samp(d, 0.0).confidence_interval(0.90)
+    assert (lo, hi) == pytest.approx((ci.low, ci.high))
+    # equivalence at 0.05 iff the 90% interval lies inside [-m, m]
+    for m in np.linspace(0.05, 3, 30):
+        assert (I.tost_pvalue(r, m) < 0.05) == (-m < lo and hi < m)
+    flat = I.paired_test(np.arange(4.0) + 0.01, np.arange(4.0))  # no spread
+    assert I.tost_pvalue(flat, 0.05) == 0.5**4 and I.tost_pvalue(flat, 0.005) == 1.0
+    assert math.isnan(I.tost_pvalue(I.paired_test([1.0], [0.0]), 0.1))

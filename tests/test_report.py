@@ -75,10 +75,10 @@ def _write_run(d, method: str, seed: int, q: dict, steps: int = 40) -> None:
                 "k": 4,
                 "n": 4,
                 "coherence_nll": q["nll"] + 0.05 * rng.normal(),
-                "rare_share": q["rare"] + 0.005 * rng.normal(),
+                "rare_share": q["rare"] + 0.001 + 0.005 * rng.normal(),
                 "distinct_rare_per_1k": 100 * q["rare"] + rng.normal(),
                 "distinct_2": 0.6,
-                "bucket_shares": [0.5, 0.3, 0.15, q["rare"], 0.001],
+                "bucket_shares": [0.5, 0.3, 0.15, q["rare"], 0.001, 0.0],  # ..., unseen, special
             }
         )
     )
@@ -110,7 +110,7 @@ def _verdicts(report_path) -> dict[str, str]:
     para = _first_paragraph(report_path.read_text())
     out = {}
     for h in ("H1", "H2", "H3", "H4"):
-        m = re.search(rf"\*\*{h} [^*]*: (SUPPORTED|CONTRADICTED|INCONCLUSIVE)\*\*", para)
+        m = re.search(rf"\*\*{h} [^*]*: (SUPPORTED|CONTRADICTED|INCONCLUSIVE|EQUIVALENT)\*\*", para)
         assert m, f"{h} verdict missing from first paragraph: {para}"
         out[h] = m[1]
     return out
@@ -159,9 +159,12 @@ def test_primary_comparison_is_not_repeated_as_secondary(tmp_path):
 def test_identical_methods_are_inconclusive_and_state_the_mde(tmp_path):
     grid = _make_grid(tmp_path / "g", POOR, POOR)
     path = build_report(grid, baseline=BASE)
-    assert _verdicts(path) == {h: "INCONCLUSIVE" for h in ("H1", "H2", "H3", "H4")}
+    # H4 is non-inferiority: identical NLL (run sd 0.05) is shown to be within the 0.1 margin
+    assert _verdicts(path) == {"H1": "INCONCLUSIVE", "H2": "INCONCLUSIVE", "H3": "INCONCLUSIVE", "H4": "SUPPORTED"}
     para = _first_paragraph(path.read_text())
-    assert para.count("detectable at n = 8 with 80% power (level 0.0125)") == 4
+    assert para.count("detectable at n = 8 with 80% power (level 0.0125)") == 3
+    assert para.count("no detectable improvement; equivalence within ±") == 3
+    assert "non-inferiority margin 0.1 (nll higher by at most 0.1)" in para
     assert "seeds for 80% power at the observed difference" in para
 
 
@@ -177,8 +180,8 @@ def test_rare_gain_with_accuracy_loss_contradicts_h3(tmp_path):
     path = build_report(grid, baseline=BASE)
     v = _verdicts(path)
     assert v["H3"] == "CONTRADICTED" and v["H2"] == "CONTRADICTED"
-    assert v["H1"] == "INCONCLUSIVE" and v["H4"] == "INCONCLUSIVE"
-    assert "guard eval/greedy_pass@1 is significantly worse" in path.read_text()
+    assert v["H1"] == "INCONCLUSIVE" and v["H4"] == "SUPPORTED"  # same NLL: non-inferior
+    assert "guard eval/greedy_pass@1 is worse than the non-inferiority margin 0.05" in path.read_text()
 
 
 def test_default_primary_and_family(tmp_path):
@@ -242,3 +245,55 @@ def test_greedy_only_evaluation_reports_without_sampled_metrics(tmp_path):
     assert rows and not [r for r in rows if "mean@k" in r or "eval/pass@k" in r]
     assert _verdicts(grid / "report.md")["H2"] == "INCONCLUSIVE"
     assert "eval/greedy_pass@1" in text
+
+
+def test_method_tables_use_matched_seeds_only(tmp_path):
+    """AV has seeds 0-7, the baseline 0-3: every method-vs-method table (summary.csv means, the
+    per-method summary) is on the shared seeds 0-3, never AV's 8-seed mean next to a 4-seed one."""
+    import shutil
+
+    grid = _make_grid(tmp_path / "g", GOOD, POOR)
+    for s in range(4, 8):
+        shutil.rmtree(grid / "runs" / BASE / f"seed_{s}")
+    text = build_report(grid, baseline=BASE).read_text()
+    rows = list(csv.DictReader(open(grid / "summary.csv")))
+    av_runs = {int(r["seed"]): float(r["eval/greedy_pass@1"]) for r in rows if r["kind"] == "run" and r["method"] == AV}
+    assert sorted(av_runs) == list(range(8))  # every run is still listed
+    mean = next(r for r in rows if r["kind"] == "mean" and r["method"] == AV)
+    assert float(mean["eval/greedy_pass@1"]) == pytest.approx(np.mean([av_runs[s] for s in range(4)]))
+    assert float(mean["eval/greedy_pass@1"]) != pytest.approx(np.mean(list(av_runs.values())))
+    summary = text.split("## Per-method summary", 1)[1].split("\n## ", 1)[0]
+    assert f"| `{AV}` | 4 |" in summary
+
+
+def test_warm_start_is_a_summary_row(tmp_path):
+    grid = _make_grid(tmp_path / "g", GOOD, POOR, seeds=(0, 1, 2))
+    (grid / "warm_start" / "eval").mkdir(parents=True)
+    (grid / "warm_start" / "eval" / "results.json").write_text(
+        json.dumps({"greedy_pass@1": 0.625, "coherence_nll": 0.75, "bucket_shares": [0.5, 0.3, 0.15, 0.04, 0.01]}))
+    build_report(grid, baseline=BASE)
+    rows = list(csv.DictReader(open(grid / "summary.csv")))
+    warm = [r for r in rows if r["kind"] == "warm_start"]
+    assert len(warm) == 1 and warm[0]["method"] == "warm_start"
+    assert float(warm[0]["eval/greedy_pass@1"]) == 0.625 and float(warm[0]["coherence/nll"]) == 0.75
+    assert warm[0]["train/reward_last10"] == ""  # never trained
+
+
+def test_plots_are_small_multiples_by_family():
+    from tokentrust.report_plots import panel_groups
+
+    methods = ["base", *[f"av{i}" for i in range(8)], "ppo", "clip"]
+    fam = {"base": "baseline", "ppo": "baseline", "clip": "baseline", **{f"av{i}": "av-dppo" for i in range(8)}}
+    groups = panel_groups(methods, fam, "base", max_per_panel=6)
+    assert groups == {"av-dppo (1/2)": ["base", "av0", "av1", "av2", "av3", "av4", "av5"],
+                      "av-dppo (2/2)": ["base", "av6", "av7"], "baseline": ["base", "ppo", "clip"]}
+    assert panel_groups(["base"], {}, "base") == {"methods": ["base"]}
+    assert panel_groups(["a", "b"], {}, None) == {"methods": ["a", "b"]}
+
+
+def test_report_with_families_draws_one_panel_each(tmp_path):
+    grid = _make_grid(tmp_path / "g", GOOD, POOR, seeds=(0, 1, 2))
+    text = build_report(grid, baseline=BASE).read_text()
+    assert f"one panel per method family, `{BASE}` dashed grey in each" in text
+    for name in ("reward", "entropy", "rare_share", "accuracy", "kept_frac_buckets"):
+        assert (grid / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

@@ -17,29 +17,40 @@ sections. See docs/statistics.md for the procedures.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tokentrust import report_plots as plots
 from tokentrust import report_study as study
-from tokentrust.inference import PairedResult, mean_interval, min_signflip_p
+from tokentrust.inference import PairedResult, interval, min_signflip_p
 from tokentrust.metrics import load_metrics, read_jsonl, summarize_run
+from tokentrust.report_figures import section_plots
+from tokentrust.report_tables import (
+    ARROW,
+    DEFINITIONS,
+    _level,
+    _short,
+    matched_seeds,
+    matched_view,
+    section_summary,
+    write_summary_csv,
+)
 from tokentrust.verdicts import (
     CONTRADICTED,
+    EQUIVALENT,
     HYPOTHESES,
     INCONCLUSIVE,
+    NON_INFERIORITY,
     SUPPORTED,
     HypothesisResult,
     Plan,
+    primary_p,
     SecondaryRow,
     evaluate_hypotheses,
     resolve_plan,
@@ -47,38 +58,8 @@ from tokentrust.verdicts import (
     secondary_tests,
 )
 
-__all__ = ["CONTRADICTED", "INCONCLUSIVE", "SUPPORTED", "build_report", "load_grid", "load_problems"]
+__all__ = ["CONTRADICTED", "EQUIVALENT", "INCONCLUSIVE", "SUPPORTED", "build_report", "load_grid", "load_problems"]
 
-# metrics shown in the per-method table: (name, favourable direction; 0 = descriptive only)
-KEY_METRICS: tuple[tuple[str, int], ...] = (
-    ("eval/greedy_pass@1", +1),
-    ("eval/mean@k", +1),
-    ("eval/pass@k", +1),
-    ("train/reward_first10", 0),
-    ("train/reward_last10", +1),
-    ("stability/reward_noise_norm", -1),
-    ("stability/collapse_count", -1),
-    ("stability/time_to_collapse", 0),
-    ("stability/max_drawdown", -1),
-    ("stability/reward_diff_std", -1),
-    ("stability/reward_std", 0),
-    ("stability/grad_spikes", -1),
-    ("stability/grad_norm_p99", -1),
-    ("stability/loss_var", -1),
-    ("stability/entropy_first", 0),
-    ("stability/entropy_last", 0),
-    ("stability/entropy_slope", 0),
-    ("stability/mean_abs_pi_mu", 0),
-    ("rare/share_rare", +1),
-    ("rare/distinct_rare_per_1k", +1),
-    ("rare/distinct_2", +1),
-    ("eval/acc_rare_answer", +1),
-    ("eval/acc_common_answer", +1),
-    ("coherence/nll", -1),
-    ("coherence/garbage_share", -1),
-    ("trust_region/kept_frac", 0),
-)
-ARROW = {1: "↑", -1: "↓", 0: ""}
 MIN_PERMUTATION_SEEDS = 6  # smallest n whose exact sign-flip p can be < 0.05
 
 Summaries = dict[str, dict[Any, dict[str, float]]]
@@ -164,6 +145,7 @@ class GridData:
     plan: Plan
     verdicts: list[HypothesisResult]
     secondary: list[SecondaryRow]
+    matched: list[Any] = field(default_factory=list)  # seeds every method ran (method tables use only these)
 
     @property
     def methods(self) -> list[str]:
@@ -190,7 +172,8 @@ def analyse(grid_dir: str | os.PathLike, baseline: str, alpha: float) -> GridDat
     # dose-response cells are judged by their trend (report_study), not by pairwise tests
     pairwise = [m for m in runs if grid.get("methods", {}).get(m, {}).get("family") != "dose"]
     secondary = secondary_tests(summaries, problems, pairwise, baseline, primary, alpha=alpha)
-    return GridData(g, grid, runs, records, summaries, problems, baseline, alpha, plan, verdicts, secondary)
+    return GridData(g, grid, runs, records, summaries, problems, baseline, alpha, plan, verdicts, secondary,
+                    matched_seeds(runs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,14 +189,7 @@ def _fmt_p(p: float) -> str:
     return f"{p:.2g}" if p < 0.01 else f"{p:.3f}"
 
 
-def _short(metric: str) -> str:
-    return metric.split("/", 1)[-1]
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+_table = study._table
 
 
 def _interval(r: PairedResult) -> str:
@@ -224,15 +200,30 @@ def _seeds_text(n: int | None) -> str:
     return str(n) if n is not None else "> 1000 or n/a"
 
 
-def _level(alpha: float) -> str:
-    return f"{100 * (1 - alpha):g}%"
 
 
 # ----------------------------------------------------------------------------------------------
 # sections
 
 
-def _verdict_sentence(v: HypothesisResult) -> str:
+def _margin_text(v: HypothesisResult, alpha: float) -> str:
+    """What the data say about the declared margin (equivalence or non-inferiority)."""
+    r, m, h = v.result, v.margin, v.hypothesis
+    if r is None or r.n < 2 or not math.isfinite(m):
+        return ""
+    if h.kind == NON_INFERIORITY:
+        worse = "higher" if h.primary[1] < 0 else "lower"
+        return f"non-inferiority margin {m:g} ({_short(h.primary[0])} {worse} by at most {m:g})"
+    lo, hi = interval(r, 2 * alpha)
+    span = f"{_level(2 * alpha)} interval [{_fmt(lo)}, {_fmt(hi)}], TOST Holm p {_fmt_p(v.p_equiv)}"
+    if v.label == EQUIVALENT:
+        return f"equivalent within ±{m:g} ({span})"
+    if v.label == INCONCLUSIVE:
+        return f"no detectable improvement; equivalence within ±{m:g} not shown ({span})"
+    return ""
+
+
+def _verdict_sentence(v: HypothesisResult, alpha: float = 0.05) -> str:
     h = v.hypothesis
     head = f"**{h.key} {h.name}: {v.label}**"
     if v.result is None:
@@ -240,9 +231,12 @@ def _verdict_sentence(v: HypothesisResult) -> str:
     r = v.result
     text = (
         f"{head} — `{v.method}` vs `{v.baseline}`, {_short(h.primary[0])} {ARROW[h.primary[1]]} "
-        f"{_interval(r)}, p = {_fmt_p(r.p)} (Holm {_fmt_p(v.p_holm)}, n = {r.n})"
+        f"{_interval(r)}, p = {_fmt_p(primary_p(h, r, v.margin))} (Holm {_fmt_p(v.p_holm)}, n = {r.n})"
     )
-    if v.label == INCONCLUSIVE and r.n >= 2 and r.sd == 0:
+    margin = _margin_text(v, alpha)
+    if margin:
+        text += "; " + margin
+    if v.label in (INCONCLUSIVE, EQUIVALENT) and r.n >= 2 and r.sd == 0:
         text += "; the differences have no spread across seeds, so the exact sign-flip p decides"
     elif v.label == INCONCLUSIVE and r.n >= 2:
         text += (
@@ -260,15 +254,21 @@ def paired_seed_count(d: GridData) -> int:
     return min(counts) if counts else 0
 
 
+def _margins_text(d: GridData) -> str:
+    return ", ".join(f"{k} {'±' if not k.endswith('_guard') and k != 'H4' else ''}{m:g}"
+                     for k, m in d.plan.margins.items())
+
+
 def section_verdicts(d: GridData) -> list[str]:
     """Title, headline verdicts and the statistical caveats a reader needs to weigh them."""
     alpha = d.alpha
     head = (
         f"**Verdicts** (one primary comparison per hypothesis, {d.plan.note}; two-sided paired "
         f"tests at alpha = {alpha:g}, Holm-corrected across the {len(HYPOTHESES)} hypotheses; "
-        f"{_level(alpha)} t-intervals; secondary comparisons never change a headline): "
+        f"{_level(alpha)} t-intervals; declared margins: {_margins_text(d)}; EQUIVALENT: two one-sided "
+        "tests put the difference within ± the margin; secondary comparisons never change a headline): "
     )
-    paragraph = head + " ".join(_verdict_sentence(v) for v in d.verdicts)
+    paragraph = head + " ".join(_verdict_sentence(v, alpha) for v in d.verdicts)
     n = paired_seed_count(d)
     n_runs = sum(len(v) for v in d.runs.values())
     stats_note = (
@@ -314,7 +314,7 @@ def section_primary(d: GridData) -> list[str]:
     for v in d.verdicts:
         h, r = v.hypothesis, v.result
         if r is None:
-            rows.append([h.key, "n/a", f"{h.primary[0]} {ARROW[h.primary[1]]}", *["n/a"] * 9, v.label])
+            rows.append([h.key, "n/a", f"{h.primary[0]} {ARROW[h.primary[1]]}", *["n/a"] * 10, v.label])
             continue
         rows.append(
             [
@@ -324,8 +324,9 @@ def section_primary(d: GridData) -> list[str]:
                 str(r.n),
                 _interval(r),
                 _fmt(r.g_z),
-                _fmt_p(r.p),
+                _fmt_p(primary_p(h, r, v.margin)),
                 _fmt_p(v.p_holm),
+                _margin_cell(v),
                 f"{_fmt_p(r.p_signflip)} (≥ {_fmt_p(r.p_floor)})",
                 _fmt(v.mde),
                 _seeds_text(v.seeds_needed),
@@ -334,12 +335,23 @@ def section_primary(d: GridData) -> list[str]:
             ]
         )
     header = ["hyp.", "comparison", "primary metric", "n", f"diff [{_level(d.alpha)} CI]", "g_z", "p",
-              "Holm p", "sign-flip p (floor)", "MDE (80%)", "seeds for 80%", "test", "verdict"]
-    claims = "\n".join(f"- {h.key} {h.name}: {h.claim}." for h in HYPOTHESES)
-    note = ("MDE and seeds for 80% power are computed at level alpha / (number of hypotheses "
-            "tested), the level a lone effect must reach after the Holm correction; the sign-flip "
-            "floor is 2/2^n.")
+              "Holm p", "margin", "sign-flip p (floor)", "MDE (80%)", "seeds for 80%", "test", "verdict"]
+    claims = "\n".join(f"- {h.key} {h.name} ({h.kind}): {h.claim}." for h in HYPOTHESES)
+    note = ("p: two-sided test of no difference (superiority) or of a difference of exactly the margin "
+            "against the favourable direction (non-inferiority). Margin: declared in grid.json "
+            "(`primary.margins`) or the documented default; for superiority hypotheses the TOST p of "
+            "equivalence within ±margin, Holm-corrected across them. MDE and seeds for 80% power are "
+            "computed at level alpha / (number of hypotheses tested), the level a lone effect must reach "
+            "after the Holm correction; the sign-flip floor is 2/2^n.")
     return ["## Primary tests", claims, note, _table(header, rows)]
+
+
+def _margin_cell(v: HypothesisResult) -> str:
+    if not math.isfinite(v.margin):
+        return "n/a"
+    if v.hypothesis.kind == NON_INFERIORITY:
+        return f"{v.margin:g} (non-inferiority)"
+    return f"±{v.margin:g} (TOST Holm p {_fmt_p(v.p_equiv)})"
 
 
 def section_secondary(d: GridData) -> list[str]:
@@ -389,138 +401,14 @@ def section_setup(d: GridData) -> list[str]:
 def section_runs(d: GridData) -> list[str]:
     rows = [
         [f"`{m}`", str(s), _fmt(x.get("train/steps")), "yes" if x.get("train/done") else "no",
-         _fmt(x.get("train/reward_last10")), _fmt(x.get("stability/reward_noise_norm")),
+         _fmt(x.get("train/reward_last10")), _fmt(x.get("stability/drawdown_smoothed")),
          _fmt(x.get("stability/collapse_count")), _fmt(x.get("eval/greedy_pass@1"))]
         for m, seeds in d.summaries.items()
         for s, x in seeds.items()
     ]
-    header = ["method", "seed", "steps", "done", "reward (last 10)", "reward noise (norm.)", "collapses",
+    header = ["method", "seed", "steps", "done", "reward (last 10)", "drawdown (5-step mean)", "collapses",
               "greedy pass@1"]
     return ["## Runs", _table(header, rows)]
-
-
-def _per_seed(d: GridData, method: str, metric: str) -> list[float]:
-    vals = (s.get(metric) for s in d.summaries.get(method, {}).values())
-    return [v for v in vals if v is not None and math.isfinite(v)]
-
-
-SUMMARY_GROUPS = (("accuracy", ("eval/",)), ("training and stability", ("train/", "stability/")),
-                  ("rare tokens, coherence, trust region", ("rare/", "coherence/", "trust_region/")))
-
-
-def section_summary(d: GridData) -> list[str]:
-    """Per group of metrics, a table with one row per method (mean over seeds [t-interval])."""
-    keys = set(d.metric_keys)
-    out = [f"## Per-method summary: mean over seeds [{_level(d.alpha)} t-interval]",
-           "↑ / ↓: the favourable direction. Intervals describe each method alone; compare methods "
-           "with the paired tests above."]
-    for title, prefixes in SUMMARY_GROUPS:
-        metrics = [(k, dirn) for k, dirn in KEY_METRICS if k in keys and k.startswith(prefixes)]
-        if not metrics:
-            continue
-        rows = []
-        for m in d.methods:
-            cells = []
-            for k, _ in metrics:
-                mean, lo, hi = mean_interval(_per_seed(d, m, k), d.alpha)
-                cells.append(f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}]" if math.isfinite(mean) else "n/a")
-            rows.append([f"`{m}`", str(len(d.summaries.get(m, {}))), *cells])
-        out.append(f"**{title}**\n\n" + _table(["method", "seeds", *[f"{_short(k)} {ARROW[dirn]}".strip()
-                                                                     for k, dirn in metrics]], rows))
-    return out
-
-
-def _forest_panels(d: GridData) -> dict[str, list[tuple[str, float, float, float, bool]]]:
-    primary = {(v.method, v.hypothesis.primary[0]): v.result for v in d.verdicts if v.result is not None}
-    panels: dict[str, list[tuple[str, float, float, float, bool]]] = {}
-    for h in HYPOTHESES:
-        k = h.primary[0]
-        items = []
-        for (m, metric), r in primary.items():
-            if metric == k:
-                items.append((f"{m} (primary)", r.diff, r.lo, r.hi, True))
-        for s in d.secondary:
-            if s.metric == k:
-                items.append((s.method, s.result.diff, s.result.lo, s.result.hi, False))
-        panels[f"{h.key}: {_short(k)}"] = items
-    return panels
-
-
-def section_plots(d: GridData) -> list[str]:
-    pdir = d.path / "plots"
-    pdir.mkdir(exist_ok=True)
-    level = _level(d.alpha)
-    out: list[tuple[str, Path | None]] = [
-        (f"Primary metrics: method − `{d.baseline}` (primary comparison filled) with {level} intervals",
-         plots.plot_forest(_forest_panels(d), "difference vs baseline", pdir / "forest.png")),
-        ("Reward per step (mean over seeds, band = min..max)",
-         plots.plot_curves(d.records, ["reward/mean"], "mean reward", pdir / "reward.png")),
-        ("Policy entropy per step",
-         plots.plot_curves(d.records, ["actor/entropy"], "entropy (nats)", pdir / "entropy.png")),
-    ]
-    rare_keys = sorted({k for rs in d.records.values() for r in rs.values() for rec in r for k in rec
-                        if re.fullmatch(r"rare/share/bucket_\d+", k)}, key=lambda k: int(k.rsplit("_", 1)[1]))
-    out.append(("Share of generated tokens in the rarest frequency buckets",
-                plots.plot_curves(d.records, rare_keys[-2:], "share of tokens", pdir / "rare_share.png")))
-    kept = study.bucket_ids(d.metric_keys, r"trust_region/kept_frac/bucket_(\d+)")
-    if kept:
-        series = {m: [_mean_range(_per_seed(d, m, f"trust_region/kept_frac/bucket_{i}")) for i in kept]
-                  for m in d.methods}
-        out.append(("Kept fraction per frequency bucket (bars: mean over seeds, whiskers: min..max)",
-                    plots.plot_bars([f"b{i}" for i in kept], series, "kept fraction",
-                                    "trust_region/kept_frac per bucket", pdir / "kept_frac_buckets.png")))
-    acc = [k for k in ("eval/greedy_pass@1", "eval/mean@k", "eval/pass@k") if k in d.metric_keys]
-    if acc:
-        series = {m: [mean_interval(_per_seed(d, m, k), d.alpha) for k in acc] for m in d.methods}
-        out.append((f"Eval accuracy (mean over seeds, {level} t-interval)",
-                    plots.plot_bars([_short(k) for k in acc], series, "accuracy", "eval accuracy",
-                                    pdir / "accuracy.png")))
-    return ["## Plots"] + [f"{c}\n\n![{c}](plots/{p.name})" for c, p in out if p is not None]
-
-
-def _mean_range(v: list[float]) -> tuple[float, float, float]:
-    return (float(np.mean(v)), float(np.min(v)), float(np.max(v))) if v else (math.nan,) * 3
-
-
-DEFINITIONS = """## Metric definitions
-
-- `stability/reward_noise_norm` (H1 primary): the std of the step-to-step changes of the mean
-  reward, each divided by its Bernoulli sampling std sqrt(2 p(1 - p) / m) (p: mean of the two
-  steps' rewards, clipped to [0.5/m, 1 - 0.5/m]; m = prompts_per_step x group_size from the run's
-  config.json). About 1 for pure sampling noise; unlike the raw noise it does not grow just
-  because the reward sits nearer 0.5.
-- `stability/collapse_count`: runs of at least 3 consecutive steps whose reward is below 0.5 x
-  its running maximum, once that maximum is at least 0.2; `time_to_collapse`: the step where the
-  first one starts, or the last step when none happened (censored; `collapsed` says which).
-- `stability/max_drawdown`: largest drop of the per-step mean reward below its running maximum;
-  `reward_std`: std of the per-step mean reward (includes the learning trend);
-  `reward_diff_std`: std of its step-to-step changes (not normalised).
-- `stability/grad_spikes`: steps whose gradient norm exceeds 3x the median of the previous 20
-  steps (at least 5 of them), plus non-finite norms; `grad_norm_p99`: 99th percentile of the
-  norms; `loss_var`: sample variance of the per-step loss.
-- `eval/*`: greedy pass@1, mean@k and unbiased pass@k on the test split; greedy pass@1 and
-  mean@k are compared per problem (eval/problems.jsonl). `rare/*` and `coherence/nll` (per-token
-  NLL of the generations under the initial model) come from the same evaluation.
-- `trust_region/*`: means over steps of the per-step trust-region diagnostics.
-- Tests: see docs/statistics.md (paired t-test and t-interval, exact sign-flip p, cluster-level
-  accuracy test, Holm corrections, MDE at 80% power from t quantiles)."""
-
-
-def write_summary_csv(d: GridData) -> Path:
-    """One row per run (kind=run), then per method its mean and t-interval (mean, ci_lo, ci_hi)."""
-    keys = d.metric_keys
-    path = d.path / "summary.csv"
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["kind", "method", "seed", *keys])
-        for m, seeds in d.summaries.items():
-            for s, x in seeds.items():
-                w.writerow(["run", m, s, *[repr(x[k]) if k in x else "" for k in keys]])
-        for m in d.methods:
-            cis = [mean_interval(_per_seed(d, m, k), d.alpha) for k in keys]
-            for i, kind in enumerate(("mean", "ci_lo", "ci_hi")):
-                w.writerow([kind, m, "", *["" if math.isnan(c[i]) else repr(c[i]) for c in cis]])
-    return path
 
 
 def build_report(
@@ -531,21 +419,22 @@ def build_report(
 ) -> Path:
     """Write GRID_DIR/report.md, summary.csv and plots/*.png; return the report path."""
     d = analyse(grid_dir, baseline, alpha)
-    write_summary_csv(d)
+    tv = matched_view(d)  # method-vs-method tables and plots: matched seeds only
+    write_summary_csv(d, tv)
     sections = [
         *section_verdicts(d),
         *section_primary(d),
         *section_secondary(d),
         *section_setup(d),
         *section_runs(d),
-        *section_summary(d),
-        *study.section_reference(d),
-        *study.section_buckets(d),
-        *study.section_mechanism(d),
-        *study.section_masked_tokens(d),
-        *study.section_windows(d),
-        *study.section_dose(d),
-        *section_plots(d),
+        *section_summary(d, tv),
+        *study.section_reference(tv),
+        *study.section_buckets(tv),
+        *study.section_mechanism(tv),
+        *study.section_masked_tokens(tv),
+        *study.section_windows(tv),
+        *study.section_dose(tv),
+        *section_plots(d, tv),
         DEFINITIONS,
     ]
     path = d.path / "report.md"

@@ -28,21 +28,58 @@ def _aligned(
     return steps, mat
 
 
+def panel_groups(
+    methods: Sequence[str], families: dict[str, str], baseline: str | None, max_per_panel: int = 6
+) -> dict[str, list[str]]:
+    """Small multiples: {panel title: methods}, one panel per family (grid.json's `family`, in order
+    of first appearance), split into panels of at most `max_per_panel` methods. The baseline is
+    drawn in every panel as the reference, so it does not get a panel of its own unless alone."""
+    fams: dict[str, list[str]] = {}
+    for m in methods:
+        if m != baseline:
+            fams.setdefault(families.get(m) or "methods", []).append(m)
+    if not fams and baseline is not None:
+        fams = {families.get(baseline) or "methods": []}
+    out = {}
+    for fam, ms in fams.items():
+        chunks = [ms[i : i + max_per_panel] for i in range(0, len(ms), max_per_panel)] or [[]]
+        for j, chunk in enumerate(chunks):
+            title = fam if len(chunks) == 1 else f"{fam} ({j + 1}/{len(chunks)})"
+            out[title] = ([baseline] if baseline in methods else []) + chunk
+    return out
+
+
+def _grid_axes(n: int, width: float = 5.0, height: float = 3.6) -> tuple[Figure, list[Any]]:
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(width * cols, height * rows))
+    axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
 def plot_curves(
     records: dict[str, dict[Any, list[dict[str, Any]]]],
     keys: Sequence[str],
     ylabel: str,
     path: Path,
+    groups: dict[str, list[str]] | None = None,
 ) -> Path | None:
-    """One panel per key; per method the mean over seeds with a min-max band."""
+    """One panel per key and group of methods (`panel_groups`; default: all methods in one);
+    per method the mean over seeds with a min-max band. The first method of a group that is shared
+    by all groups (the baseline) is drawn in grey."""
     data = {k: {m: _aligned(r, k) for m, r in records.items()} for k in keys}
     keys = [k for k in keys if any(v is not None for v in data[k].values())]
     if not keys:
         return None
-    fig = Figure(figsize=(6.5 * len(keys), 4.2))
-    axes = fig.subplots(1, len(keys), squeeze=False)[0]
-    for ax, k in zip(axes, keys, strict=True):
-        for m, al in data[k].items():
+    groups = groups or {"": list(records)}
+    shared = set.intersection(*(set(g) for g in groups.values())) if len(groups) > 1 else set()
+    panels = [(k, title, ms) for k in keys for title, ms in groups.items()]
+    fig, axes = _grid_axes(len(panels))
+    for ax, (k, title, ms) in zip(axes, panels, strict=True):
+        for m in ms:
+            al = data[k].get(m)
             if al is None:
                 continue
             steps, mat = al
@@ -50,13 +87,14 @@ def plot_curves(
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean = np.nanmean(mat, 0)
                 lo, hi = np.nanmin(mat, 0), np.nanmax(mat, 0)
-            (line,) = ax.plot(steps, mean, label=f"{m} (n={mat.shape[0]})")
-            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+            style = {"color": "0.45", "linestyle": "--"} if m in shared else {}
+            (line,) = ax.plot(steps, mean, label=f"{m} (n={mat.shape[0]})", **style)
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
-        ax.set_title(k)
+        ax.set_title(" · ".join(t for t in (title, k) if t), fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
@@ -68,32 +106,32 @@ def plot_bars(
     ylabel: str,
     title: str,
     path: Path,
+    panels: dict[str, list[str]] | None = None,
 ) -> Path | None:
-    """Grouped bars: x = groups, one bar per series; values are (center, lo, hi)."""
+    """Grouped bars: x = groups, one bar per series; values are (center, lo, hi). With `panels`
+    ({title: series names}, e.g. `panel_groups`), one panel each (small multiples)."""
     if not groups or not series:
         return None
-    fig = Figure(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(series)) ** 0.5 + 3), 4.2))
-    ax = fig.subplots()
-    width = 0.8 / len(series)
-    x = np.arange(len(groups))
-    for j, (name, vals) in enumerate(series.items()):
-        c = np.array([v[0] for v in vals], dtype=np.float64)
-        lo = np.array([v[1] for v in vals], dtype=np.float64)
-        hi = np.array([v[2] for v in vals], dtype=np.float64)
-        err = np.nan_to_num(np.vstack([c - lo, hi - c]), nan=0.0).clip(min=0)
-        ax.bar(
-            x + (j - (len(series) - 1) / 2) * width,
-            np.nan_to_num(c),
-            width,
-            yerr=err,
-            capsize=3,
-            label=name,
-        )
-    ax.set_xticks(x, list(groups))
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    panels = panels or {title: list(series)}
+    shared = set.intersection(*(set(g) for g in panels.values())) if len(panels) > 1 else set()
+    fig, axes = _grid_axes(len(panels), width=max(5.0, 0.9 * len(groups) + 2.5))
+    for ax, (ptitle, names) in zip(axes, panels.items(), strict=True):
+        names = [n for n in names if n in series]
+        width = 0.8 / max(1, len(names))
+        x = np.arange(len(groups))
+        for j, name in enumerate(names):
+            vals = series[name]
+            c = np.array([v[0] for v in vals], dtype=np.float64)
+            lo = np.array([v[1] for v in vals], dtype=np.float64)
+            hi = np.array([v[2] for v in vals], dtype=np.float64)
+            err = np.nan_to_num(np.vstack([c - lo, hi - c]), nan=0.0).clip(min=0)
+            ax.bar(x + (j - (len(names) - 1) / 2) * width, np.nan_to_num(c), width, yerr=err, capsize=3,
+                   label=name, **({"color": "0.6"} if name in shared else {}))
+        ax.set_xticks(x, list(groups))
+        ax.set_ylabel(ylabel)
+        ax.set_title(ptitle if len(panels) > 1 else title, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
