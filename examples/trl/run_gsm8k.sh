@@ -14,6 +14,6 @@ accelerate launch --config_file "$ROOT/examples/trl/accelerate.yaml" --num_proce
   --model "$TT_MODEL" --data_dir "$GSM8K_SRC" --output_dir "${OUT:-$ROOT/runs/trl_gsm8k}" \
   --loss_type dapo --num_generations 8 --per_device_train_batch_size 8 --max_completion_length 512 \
   --learning_rate 1e-6 --beta 0.0 --report_to none --logging_steps 1 \
-  --tokentrust_loss dppo-tv --tokentrust_delta 0.15 --tokentrust_params '{"is_cap": null}' \
+  --tokentrust_loss dppo-tv --tokentrust_delta 0.15 \
   --tokentrust_thresholds "{\"kind\": \"frequency\", \"beta\": 0.5, \"normalize\": true, \"table\": \"$TT_FREQ_TABLE\"}" \
   "$@"

@@ -7,6 +7,7 @@ built locally (random tiny Llama, byte-level BPE): nothing is downloaded.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -55,9 +56,11 @@ def make_trainer(tiny, tmp_path, cls=TokenTrustGRPOTrainer, **cfg):
                processing_class=tok)
 
 
-def dppo_tv_reference(logp, mu, adv, mask, delta, n):
-    """DPPO Binary-TV loss value written from the paper's rule: -sum_t M_t r_t A_t / n."""
+def dppo_tv_reference(logp, mu, adv, mask, delta, n, cap=3.0):
+    """DPPO Binary-TV loss value written from the paper's rule: -sum_t M_t min(r_t, C) A_t / n, with
+    C = 3 by default (verl's clip_ratio_c, the library's default) and None for no cap."""
     r = (logp - mu).exp()
+    r = r if cap is None else r.clamp(max=cap)
     a = adv[:, None].expand_as(logp)
     pi, m = logp.exp(), mu.exp()
     masked = ((a > 0) & (pi - m > delta)) | ((a < 0) & (m - pi > delta))
@@ -192,6 +195,60 @@ def test_unsupported_settings_are_rejected(tiny, tmp_path):
         make_trainer(tiny, tmp_path, loss_type="sapo")
     with pytest.raises(ValueError, match="unknown loss"):
         make_trainer(tiny, tmp_path, tokentrust_loss="nope")
+    with pytest.raises(ValueError, match="decoupled-ppo needs prox_logp"):  # at construction, not at the first loss
+        make_trainer(tiny, tmp_path, tokentrust_loss="decoupled-ppo")
+
+
+def test_dppo_is_weight_capped_at_three_by_default(tiny, tmp_path):
+    """mu = TRL's old log-probs 2 nats off: some kept ratios exceed 3. The default loss caps them at 3
+    (as verl runs dppo_tv); tokentrust_params {"is_cap": null} restores the uncapped weight."""
+    losses = {}
+    for name, params in (("capped", None), ("uncapped", {"is_cap": None})):
+        trainer = make_trainer(tiny, tmp_path, tokentrust_loss="dppo-tv", tokentrust_delta=0.5,
+                               tokentrust_params=params)
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        inputs = synthetic_inputs(trainer, seed=7, noise=2.0)
+        losses[name] = TokenTrustGRPOTrainer._compute_loss(trainer, trainer.model, inputs).detach()
+    with torch.no_grad():
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        logp = trainer._get_per_token_logps_and_entropies(trainer.model, ids, am, inputs["completion_ids"].size(1))[0]
+    mu, n = inputs["old_per_token_logps"], inputs["num_items_in_batch"]
+    args = (logp, mu, inputs["advantages"], inputs["completion_mask"], 0.5, n)
+    torch.testing.assert_close(losses["capped"], dppo_tv_reference(*args)[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(losses["uncapped"], dppo_tv_reference(*args, cap=None)[0], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(losses["capped"], losses["uncapped"])  # the cap bit
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_anchor_old_applies_trl_importance_sampling_ratio(tiny, tmp_path, level):
+    """anchor "old": ratio pi / pi_old, times TRL's importance_sampling_ratio (pi_old / mu_vLLM), exactly as
+    TRL's own loss applies it (ppo = TRL's clipped loss): same value, same gradient. anchor "default"
+    takes the ratio against the sampler, so it ignores the weights."""
+    trainer = make_trainer(tiny, tmp_path, tokentrust_loss="ppo", epsilon=0.2, epsilon_high=0.28,
+                           tokentrust_anchor="old")
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = synthetic_inputs(trainer, seed=9)
+    g = torch.Generator().manual_seed(10)
+    shape = inputs["old_per_token_logps"].shape if level == "token" else (8, 1)
+    weight = torch.rand(shape, generator=g) * 1.5 + 0.25
+    weight[2] = 0.0  # TRL's *_mask modes zero a rejected token or sequence
+    inputs["importance_sampling_ratio"] = weight
+    trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True  # what makes TRL apply it
+    ours, g_ours = loss_and_grads(TokenTrustGRPOTrainer._compute_loss, trainer, inputs)
+    theirs, g_theirs = loss_and_grads(GRPOTrainer._compute_loss, trainer, inputs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    trainer.vllm_importance_sampling_correction = False
+    plain, _ = loss_and_grads(GRPOTrainer._compute_loss, trainer, inputs)
+    assert not torch.allclose(ours, plain)  # the weights mattered
+    trainer.tokentrust = dataclasses.replace(trainer.tokentrust, anchor="default")
+    inputs["sampling_per_token_logps"] = inputs["old_per_token_logps"]  # mu = the sampler = pi_old here
+    default, _ = loss_and_grads(TokenTrustGRPOTrainer._compute_loss, trainer, inputs)
+    torch.testing.assert_close(default, plain, rtol=1e-5, atol=1e-7)
 
 
 def test_batch_frequency_once_per_generation_batch_and_never_in_eval(tiny, tmp_path):

@@ -160,6 +160,66 @@ def test_matches_builtin_with_global_batch_info_and_is_weights(agg):
     torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-5, atol=1e-8)
 
 
+def cap_inputs(seed: int):
+    """random_inputs with the new log-probs pushed up 1.5 nats on a third of the tokens: ratios > 3 occur."""
+    old, new, adv, mask = random_inputs(seed=seed)
+    bump = torch.rand(old.shape, generator=torch.Generator().manual_seed(seed + 1)) < 0.35
+    return old, torch.where(bump, (new + 1.5).clamp(max=-1e-3), new), adv, mask
+
+
+@pytest.mark.parametrize("kind", ["tv", "kl"])
+def test_dppo_cap_defaults_to_verls_clip_ratio_c(kind):
+    """verl's ActorConfig default clip_ratio_c (3.0) caps the weight in verl's dppo_tv / dppo_kl and in ours
+    alike; a config without clip_ratio_c falls back to the library default, also 3; tokentrust.params.is_cap
+    null removes the cap."""
+    old, new, adv, mask = cap_inputs(seed=40)
+    default_cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1)
+    assert (default_cfg.clip_ratio_c, default_cfg.clip_ratio_low, default_cfg.clip_ratio_high) == (3.0, 0.2, 0.2)
+    assert bool(((new - old).exp() > 3)[mask].any())
+
+    def run(fn, cfg):
+        x = new.clone().requires_grad_()
+        loss, _ = fn(old, x, adv, mask, "token-mean", cfg, None)
+        return loss.detach(), torch.autograd.grad(loss, x)[0]
+
+    ref = run(get_policy_loss_fn(f"dppo_{kind}"), default_cfg)
+    ours = run(get_policy_loss_fn(f"tt_dppo_{kind}"), default_cfg)
+    no_key = run(ttv.ADAPTERS[f"tt_dppo_{kind}"], {"clip_ratio_low": 0.2, "clip_ratio_high": 0.2})  # no clip_ratio_c
+    for got in (ours, no_key):
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-7)
+    uncapped = run(get_policy_loss_fn(f"tt_dppo_{kind}"), actor_config(
+        ttv.TokenTrustPolicyLossConfig(loss_mode=f"tt_dppo_{kind}", tokentrust={"params": {"is_cap": None}})))
+    big_c = run(get_policy_loss_fn(f"dppo_{kind}"), actor_config(clip_ratio_c=1e9))
+    torch.testing.assert_close(uncapped[1], big_c[1], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(uncapped[1], ref[1])  # the cap bit
+
+
+def test_tt_drpo_delta_defaults_to_the_reference_not_clip_ratio():
+    """tt_drpo ignores verl's clip_ratio (0.2 would reverse DRPO's gradient for |pi - mu| > 0.2): delta is
+    tokentrust.delta, else DRPO's reference 12.5; the cap is clip_ratio_c."""
+    from tokentrust.losses import get_loss
+
+    old, new, adv, mask = random_inputs(seed=41)
+
+    def run(cfg=None, **kw):
+        x = new.clone().requires_grad_()
+        if cfg is None:
+            loss = get_loss("drpo")(x, old, adv, mask, **kw).loss
+        else:
+            loss, _ = get_policy_loss_fn("tt_drpo")(old, x, adv, mask, "token-mean", cfg, None)
+        return loss.detach(), torch.autograd.grad(loss, x)[0]
+
+    drpo = dict(loss_mode="tt_drpo")
+    got = run(actor_config(ttv.TokenTrustPolicyLossConfig(**drpo), clip_ratio=0.2, clip_ratio_c=3.0))
+    ref = run(delta=12.5, is_cap=3.0)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(got[1], run(delta=0.2, is_cap=3.0)[1])  # clip_ratio would differ
+    own = run(actor_config(ttv.TokenTrustPolicyLossConfig(**drpo, tokentrust={"delta": 0.5}), clip_ratio_c=3.0))
+    torch.testing.assert_close(own[1], run(delta=0.5, is_cap=3.0)[1], rtol=1e-5, atol=1e-7)
+
+
 def test_ppo_keeps_what_ratio_clipping_keeps():
     """tt_ppo: the gradient is zero exactly where verl's vanilla PPO clip is active."""
     old, new, adv, mask = random_inputs(seed=3)

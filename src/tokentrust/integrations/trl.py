@@ -12,8 +12,16 @@ Anchor mu (``tokentrust_anchor``): "default" = ``sampling_per_token_logps`` (the
 returned while sampling; tokens it could not score fall back to the next choice), else
 ``old_per_token_logps`` (TRL's recomputed policy; present when a generation batch is reused),
 else the detached current log-probs (ratio 1: one update per generation). "old" skips the vLLM
-log-probs. Because the ratio is taken against the sampler itself, TRL's extra vLLM importance
-sampling correction is not applied (it would count the sampler mismatch twice).
+log-probs. Because the "default" ratio is taken against the sampler itself, TRL's extra vLLM
+importance sampling correction is not applied there (it would count the sampler mismatch twice).
+With "old" the ratio is pi / pi_old, and TRL's ``importance_sampling_ratio`` (pi_old / mu_vLLM,
+truncated or masked as TRL configures it) multiplies the advantages, exactly as TRL multiplies its
+own per-token loss and as the verl adapter applies ``rollout_is_weights``.
+
+Loss defaults are the library's (``tokentrust_params`` overrides them): DPPO's truncated IS weight
+is capped at 3, as verl runs ``dppo_tv`` / ``dppo_kl`` (``{"is_cap": null}``: uncapped).
+``decoupled-ppo`` is refused at construction: it needs the log-probs of the weights before each
+update (``prox_logp``), which TRL does not compute.
 
 Per-token thresholds (``tokentrust_thresholds``) are computed once per generation batch, in
 ``_generate_and_score_completions``, over the rows of every process (gathered; the result equals a
@@ -40,7 +48,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from tokentrust.integrations import ThresholdSchedule, TokenTrustSettings
-from tokentrust.losses import get_loss
+from tokentrust.losses import get_loss, needs_prox_logp
 
 SUPPORTED_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
@@ -86,6 +94,9 @@ class TokenTrustGRPOTrainer(GRPOTrainer):
         if tt.loss.startswith("dppo-topk"):
             raise ValueError(f"{tt.loss} needs mu's top-K log-probs, which TRL does not record")
         self.tokentrust_loss_fn = get_loss(tt.loss)  # raises with the list of names
+        if needs_prox_logp(tt.loss):
+            raise ValueError(f"{tt.loss} needs prox_logp (log-probs of the weights before each update), which "
+                             "TRL's GRPOTrainer does not compute; use ppo, dppo-tv or another loss")
         self._tt_accepted = inspect.signature(self.tokentrust_loss_fn).parameters
         problems = []
         if self.loss_type not in SUPPORTED_LOSS_TYPES:
@@ -120,6 +131,19 @@ class TokenTrustGRPOTrainer(GRPOTrainer):
         if self.tokentrust.anchor == "old" or sampling is None:
             return fallback
         return torch.where(torch.isnan(sampling), fallback, sampling)
+
+    def _tokentrust_advantages(self, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
+        """TRL's advantages, times its vLLM ``importance_sampling_ratio`` when mu is pi_old (anchor "old").
+
+        The ratio ([B, T] or per sequence [B, 1]) is >= 0, so scaling A by it scales each token's loss
+        by it (what TRL does) and leaves every clip and mask decision unchanged.
+        """
+        adv = inputs["advantages"]
+        weight = inputs.get("importance_sampling_ratio")
+        if weight is None or self.tokentrust.anchor != "old":
+            return adv
+        adv = adv[:, None] if adv.dim() == 1 else adv
+        return (adv * weight.detach().to(adv.dtype)).expand(mask.shape)
 
     def _tokentrust_agg(self, inputs: dict, batch_size: int, mode: str) -> tuple[dict[str, Any], float]:
         """(aggregate keywords, divisor applied after the loss) for TRL's loss_type contract."""
@@ -203,7 +227,8 @@ class TokenTrustGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         behavior = self._tokentrust_anchor(inputs, per_token_logps)
         kwargs, divisor = self._tokentrust_kwargs(inputs, mask, mode)
-        out = self.tokentrust_loss_fn(per_token_logps, behavior, inputs["advantages"], mask.bool(), **kwargs)
+        adv = self._tokentrust_advantages(inputs, mask)
+        out = self.tokentrust_loss_fn(per_token_logps, behavior, adv, mask.bool(), **kwargs)
         loss = out.loss
         if self.beta != 0.0:  # k3 KL to the reference model, aggregated like the policy loss (as TRL does)
             from tokentrust.losses import aggregate

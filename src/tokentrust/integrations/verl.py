@@ -18,8 +18,12 @@ How verl's config maps onto the loss (same as verl's built-ins): ``clip_ratio_hi
 ``loss_agg_mode`` and ``global_batch_info`` give the aggregation. ``clip_ratio_c`` keeps verl's
 meaning per loss: for ``tt_ppo`` it is the dual-clip constant (as in verl's vanilla PPO: for
 A < 0 the loss is at most -clip_ratio_c * A), for the DPPO / CPPO / DRPO losses the cap C of the
-truncated weight min(r, C) (as in verl's ``dppo_tv`` / ``dppo_kl``). ``tt_ppo``'s own truncation
-cap is ``tokentrust.params.is_cap`` (default none).
+truncated weight min(r, C) (as in verl's ``dppo_tv`` / ``dppo_kl``; verl's ActorConfig default 3.0,
+and a config without the key falls back to the loss's own default, 3.0 for DPPO, as tokentrust's
+trainer does). ``tokentrust.params.is_cap`` overrides it (null: uncapped). ``tt_ppo``'s own
+truncation cap is ``tokentrust.params.is_cap`` (default none). ``tt_drpo``'s delta is
+``tokentrust.delta``, else DRPO's reference 12.5 (never clip_ratio: at 0.2 DRPO's damping would
+reverse the gradient once |pi - mu| > 0.2).
 
 Rollout correction (verl's ``algorithm.rollout_correction``): ``rollout_is_weights`` = truncated
 pi_old / mu, computed by verl in decoupled mode (``bypass_mode=False``; its cap is verl's
@@ -60,6 +64,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from tokentrust.config import default_delta, default_is_cap
 from tokentrust.integrations import ThresholdSchedule, TokenTrustSettings
 from tokentrust.losses import get_loss
 
@@ -208,6 +213,12 @@ def _clip_pair(config: Any) -> tuple[float, float]:
     return float(base if low is None else low), float(base if high is None else high)
 
 
+def _is_cap(config: Any, loss: str) -> float | None:
+    """verl's clip_ratio_c as the truncated-weight cap; the loss's own default when the config lacks it."""
+    cap = config.get("clip_ratio_c", None)
+    return default_is_cap(loss) if cap is None else float(cap)
+
+
 def _check_schedule(verl_name: str, schedule: ThresholdSchedule) -> None:
     if schedule.constant:
         return
@@ -275,13 +286,12 @@ def _make_adapter(verl_name: str):
             name = "ppo"
             kwargs.update(eps_low=low, eps_high=high, dual_clip=config.get("clip_ratio_c", None))
         elif verl_name == "tt_cppo":
-            kwargs["is_cap"] = config.get("clip_ratio_c", None)
             name = "cppo"
+            kwargs["is_cap"] = _is_cap(config, name)
             if settings.delta is None and low != high:
                 raise ValueError("tt_cppo has one threshold: set clip_ratio_low == clip_ratio_high or tokentrust.delta")
             kwargs["delta"] = settings.delta if settings.delta is not None else high
         else:
-            kwargs["is_cap"] = config.get("clip_ratio_c", None)  # the truncated-weight cap, as verl's dppo_*
             if verl_name == "tt_av_dppo":
                 divergence = params.pop("divergence", "tv")
                 if divergence not in ("tv", "kl"):
@@ -292,11 +302,14 @@ def _make_adapter(verl_name: str):
                                      "(use tt_dppo_tv / tt_dppo_kl for fixed thresholds)")
             else:
                 name = {"tt_dppo_tv": "dppo-tv", "tt_dppo_kl": "dppo-kl", "tt_drpo": "drpo"}[verl_name]
+            kwargs["is_cap"] = _is_cap(config, name)  # the truncated-weight cap, as verl's dppo_*
             if name.startswith("dppo"):
                 kwargs["surrogate"] = "logp"  # verl's convention: reported loss -A w log pi (same gradient)
             # one threshold per advantage sign, like verl's built-in dppo_tv / dppo_kl
             if settings.delta is not None:
                 delta: float | torch.Tensor = settings.delta
+            elif name == "drpo":  # DRPO's reference delta, not verl's PPO clip_ratio
+                delta = default_delta("drpo")
             elif low == high:
                 delta = high
             else:
