@@ -386,3 +386,26 @@ def test_methods_entries_for_caps_competitors_and_hybrid(tmp_path):
     assert runs["bandpo"].algo.delta == 0.05 and runs["bandpo-relax"].algo.params == {"relax": True}
     assert runs["dcpo"].algo.delta is None and runs["dcpo"].algo.eps_high == 0.28
     assert {METHODS[n]["family"] for n in ("bandpo", "bandpo-relax", "dcpo")} == {"baseline"}
+
+
+def test_hybrid_preregistration_grid_is_declared_and_cannot_run_unedited(tmp_path):
+    """The pre-registered grid loads, names only registered methods, fresh seeds (2000+, used by no grid
+    preset), av-hybrid vs av-freq-norm as its primary comparison, and refuses to run until its
+    placeholder regime is replaced."""
+    from pathlib import Path
+
+    from tokentrust.compare import GRID_PRESETS, METHODS, load_grid, run_configs
+    from tokentrust.config import ConfigError
+    from tokentrust.verdicts import resolve_plan
+
+    path = Path(__file__).resolve().parents[1] / "docs/results/hybrid-preregistration.grid.yaml"
+    spec = load_grid(file=str(path))
+    assert set(spec["methods"]) <= set(METHODS) and "av-hybrid" in spec["methods"]
+    assert min(spec["seeds"]) >= 2000 and len(spec["seeds"]) == 8
+    used = {s for g in GRID_PRESETS.values() for s in g["seeds"]}
+    assert not used & set(spec["seeds"])
+    plan = resolve_plan(spec, spec["methods"], "dppo-tv")
+    assert plan.declared and set(plan.comparisons.values()) == {("av-hybrid", "av-freq-norm")}
+    assert plan.margins["H2"] == 0.05
+    with pytest.raises(ConfigError, match="REGIME-OF-ISSUE-18"):
+        run_configs(spec, tmp_path)
