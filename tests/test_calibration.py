@@ -13,8 +13,17 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tokentrust.inference import accuracy_test, paired_test
-from tokentrust.verdicts import HYPOTHESES, INCONCLUSIVE, Plan, evaluate_hypotheses
+from tokentrust.inference import accuracy_test, interval, paired_test, shifted_pvalue, tost_pvalue
+from tokentrust.verdicts import (
+    CONTRADICTED,
+    DEFAULT_MARGINS,
+    EQUIVALENT,
+    HYPOTHESES,
+    NON_INFERIORITY,
+    SUPPORTED,
+    Plan,
+    evaluate_hypotheses,
+)
 
 AV, BASE = "av", "base"
 N_PROBLEMS = 40
@@ -22,6 +31,16 @@ RUN_OFFSET_SD = 0.4  # logit shift of a whole run's answers (training randomness
 SCALAR_SD = 1.0
 PLAN = Plan({h.key: (AV, BASE) for h in HYPOTHESES}, True, "declared")
 SCALAR_PRIMARIES = {h.primary[0]: h.primary[1] for h in HYPOTHESES if h.primary[0] != "eval/greedy_pass@1"}
+H1_METRIC = next(h.primary[0] for h in HYPOTHESES if h.key == "H1")
+
+
+def _false_verdict(v) -> bool:
+    """A verdict that is wrong when the methods do not differ: a significant superiority headline,
+    or a non-inferiority hypothesis called worse by more than its margin (non-inferior or
+    EQUIVALENT is true then)."""
+    if v.hypothesis.kind == NON_INFERIORITY:
+        return v.label == CONTRADICTED
+    return v.label in (SUPPORTED, CONTRADICTED)
 
 
 def _upper(rate: float, grids: int, q: float = 0.99) -> float:
@@ -29,10 +48,12 @@ def _upper(rate: float, grids: int, q: float = 0.99) -> float:
     return stats.binom.ppf(q, grids, rate) / grids
 
 
-def simulate_grid(rng: np.random.Generator, n_seeds: int, effect_sd: dict[str, float] | None = None):
+def simulate_grid(rng: np.random.Generator, n_seeds: int, effect_sd: dict[str, float] | None = None,
+                  shift: dict[str, float] | None = None):
     """Summaries and per-problem outcomes of a 2-method grid; `effect_sd` plants a favourable shift
-    of that many standard deviations of the paired difference on a primary metric."""
-    effect_sd = effect_sd or {}
+    of that many standard deviations of the paired difference on a primary metric, `shift` an
+    absolute one (metric units, added as given)."""
+    effect_sd, shift = effect_sd or {}, shift or {}
     difficulty = rng.normal(size=N_PROBLEMS)
     summaries = {AV: {}, BASE: {}}
     problems = {AV: {}, BASE: {}}
@@ -41,7 +62,7 @@ def simulate_grid(rng: np.random.Generator, n_seeds: int, effect_sd: dict[str, f
             run = {k: rng.normal(0.0, SCALAR_SD) for k in SCALAR_PRIMARIES}
             if method == AV:  # 1 SD of a paired difference is sqrt(2) SD of one run
                 for k, d in SCALAR_PRIMARIES.items():
-                    run[k] += d * effect_sd.get(k, 0.0) * SCALAR_SD * np.sqrt(2)
+                    run[k] += d * effect_sd.get(k, 0.0) * SCALAR_SD * np.sqrt(2) + shift.get(k, 0.0)
             logit = rng.normal(0.0, RUN_OFFSET_SD) - difficulty
             greedy = rng.random(N_PROBLEMS) < 1 / (1 + np.exp(-logit))
             summaries[method][s] = run
@@ -49,25 +70,23 @@ def simulate_grid(rng: np.random.Generator, n_seeds: int, effect_sd: dict[str, f
     return summaries, problems
 
 
-def _headline(rng, n_seeds, effect_sd=None):
-    summaries, problems = simulate_grid(rng, n_seeds, effect_sd)
-    return evaluate_hypotheses(summaries, problems, PLAN)
+def _headline(rng, n_seeds, effect_sd=None, shift=None, plan=PLAN):
+    summaries, problems = simulate_grid(rng, n_seeds, effect_sd, shift)
+    return evaluate_hypotheses(summaries, problems, plan)
 
 
-@pytest.mark.parametrize("n_seeds", [4, 8])
-def test_null_grids_rarely_get_a_headline_verdict(n_seeds):
+@pytest.mark.parametrize("n_seeds,grids", [(4, 250), (8, 250), (24, 150)])
+def test_null_grids_rarely_get_a_headline_verdict(n_seeds, grids):
     rng = np.random.default_rng(1000 + n_seeds)
-    grids = 250
     false_grids = 0
     per_hypothesis = dict.fromkeys((h.key for h in HYPOTHESES), 0)
     for _ in range(grids):
         verdicts = _headline(rng, n_seeds)
-        labels = {v.hypothesis.key: v.label for v in verdicts}
-        false_grids += any(lab != INCONCLUSIVE for lab in labels.values())
-        for k, lab in labels.items():
-            per_hypothesis[k] += lab != INCONCLUSIVE
+        false_grids += any(_false_verdict(v) for v in verdicts)
+        for v in verdicts:
+            per_hypothesis[v.hypothesis.key] += _false_verdict(v)
     rate = false_grids / grids
-    print(f"\nnull, {n_seeds} seeds: {false_grids}/{grids} grids ({rate:.3f}) with a non-INCONCLUSIVE "
+    print(f"\nnull, {n_seeds} seeds: {false_grids}/{grids} grids ({rate:.3f}) with a false "
           f"headline; per hypothesis {per_hypothesis}")
     assert rate <= _upper(0.05, grids)
 
@@ -80,7 +99,7 @@ def test_planted_one_sd_effect_is_detected_at_eight_seeds():
     grids = 250
     primary_hits = headline_hits = 0
     for _ in range(grids):
-        v = {x.hypothesis.key: x for x in _headline(rng, 8, {"stability/reward_noise_norm": 1.0})}["H1"]
+        v = {x.hypothesis.key: x for x in _headline(rng, 8, {H1_METRIC: 1.0})}["H1"]
         primary_hits += v.result.p < 0.05 and v.result.diff < 0
         headline_hits += v.label == "SUPPORTED"
     primary, headline = primary_hits / grids, headline_hits / grids
@@ -128,3 +147,47 @@ def test_pooling_problems_as_independent_would_be_anti_conservative():
     print(f"\nnull accuracy, 4 seeds: pooled McNemar rejects {naive / reps:.3f}, cluster test {ours / reps:.3f}")
     assert naive / reps > 0.15
     assert ours / reps <= _upper(0.05, reps)
+
+
+@pytest.mark.parametrize("n_seeds,reps", [(4, 600), (8, 600), (24, 250)])
+def test_margin_tests_keep_their_level_at_the_margin(n_seeds, reps):
+    """Paired differences whose true mean is exactly the margin m (here 0.5 sd, as a 0.05 accuracy
+    margin against a 0.1 sd of paired differences): TOST may call them equivalent in at most alpha
+    of cases; the non-inferiority test (lower is better, so the boundary is +m) calls them
+    non-inferior in about alpha / 2 (one-sided 0.025); the 90% interval TOST uses covers the
+    true mean in about 90%."""
+    rng = np.random.default_rng(900 + n_seeds)
+    m, alpha = 0.5, 0.05
+    equivalent = non_inferior = covered = 0
+    for _ in range(reps):
+        r = paired_test(rng.normal(m, 1.0, n_seeds), np.zeros(n_seeds))
+        equivalent += tost_pvalue(r, m) < alpha
+        non_inferior += shifted_pvalue(r, m) < alpha and r.diff < m
+        lo, hi = interval(r, 2 * alpha)
+        covered += lo <= m <= hi
+    rates = equivalent / reps, non_inferior / reps, covered / reps
+    print(f"\nat the margin, {n_seeds} seeds: TOST equivalent {rates[0]:.3f}, non-inferior {rates[1]:.3f}, "
+          f"90% interval coverage {rates[2]:.3f}")
+    assert rates[0] <= _upper(alpha, reps) and rates[1] <= _upper(alpha / 2, reps)
+    assert stats.binom.ppf(0.005, reps, 0.9) / reps <= rates[2] <= stats.binom.ppf(0.995, reps, 0.9) / reps
+
+
+def test_equivalence_headline_at_the_margin_and_at_zero():
+    """Through the verdict code, 8 seeds, H1's margin declared as 2 sd of a run (1.41 sd of the
+    paired difference): a true difference exactly at the margin gives EQUIVALENT in at most alpha of
+    grids; a true difference of 0 gives it in most. TOST is Holm-corrected across the 3 superiority
+    hypotheses, so a lone equivalence needs p < 0.0167."""
+    rng = np.random.default_rng(11)
+    margin = 2 * SCALAR_SD
+    plan = Plan(PLAN.comparisons, True, "declared", {**DEFAULT_MARGINS, "H1": margin})
+    grids = 200
+    at_margin = at_zero = 0
+    for _ in range(grids):
+        h1 = {v.hypothesis.key: v for v in _headline(rng, 8, shift={H1_METRIC: margin}, plan=plan)}["H1"]
+        at_margin += h1.label == EQUIVALENT
+        h1 = {v.hypothesis.key: v for v in _headline(rng, 8, plan=plan)}["H1"]
+        at_zero += h1.label == EQUIVALENT
+    print(f"\nH1 EQUIVALENT, 8 seeds, margin 1.41 sd of the paired difference: true difference at the "
+          f"margin {at_margin / grids:.3f}, at 0 {at_zero / grids:.3f}")
+    assert at_margin / grids <= _upper(0.05, grids)
+    assert at_zero / grids > 0.5
