@@ -26,10 +26,11 @@ from tokentrust.inference import adjust, mean_interval
 DOSE_METRICS: tuple[tuple[str, int], ...] = (
     ("eval/greedy_pass@1", +1),
     ("train/reward_last10", +1),
-    ("stability/reward_noise_norm", -1),
+    ("stability/drawdown_smoothed", -1),
     ("eval/acc_rare_answer", +1),
-    ("rare/share_rare", +1),
+    ("rare/share_rare_seen", +1),
     ("coherence/garbage_share", -1),
+    ("coherence/unseen_token_share", -1),
     ("trust_region/kept_frac", 0),
 )
 BASE_DELTA, AV_BETA = 0.15, 0.5
