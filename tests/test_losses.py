@@ -188,6 +188,14 @@ def test_unknown_loss_lists_available():
     ("dppo-tv", {"is_cap": 0.0}, "is_cap"),
     ("dppo-tv", {"surrogate": "nope"}, "surrogate"),
     ("dppo-tv", {"delta": torch.full((2, 2), 0.1)}, "delta"),  # wrong shape
+    ("bandpo", {"delta": 0.0}, "delta"),
+    ("bandpo", {"dual_clip": 1.0}, "dual_clip"),
+    ("dcpo", {"upper_max": 0.5}, "upper_max"),
+    ("dcpo", {"eps_low": -0.1}, "eps"),
+    ("dcpo", {"agg": "bad"}, "agg"),
+    ("dppo-tv-hybrid", {"tau": 0.0}, "tau"),
+    ("dppo-tv-hybrid", {"eps_high": -0.1}, "eps"),
+    ("ppo-lowmu-exempt", {"tau": 1.5}, "tau"),
 ])
 def test_bad_params_raise_naming_field(name, params, field):
     logp, blogp, adv, mask = random_batch(0)

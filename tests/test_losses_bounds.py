@@ -228,7 +228,8 @@ def exempt_case():
     return logp, mu.log(), torch.tensor([[1.0, 1.0, -1.0, -1.0]], dtype=F64), torch.ones(1, 4, dtype=torch.bool)
 
 
-@pytest.mark.parametrize("sides, keep", [("both", [True, False, True, False]), ("positive", [True, False, False, False]),
+@pytest.mark.parametrize("sides, keep", [("both", [True, False, True, False]),
+                                         ("positive", [True, False, False, False]),
                                          ("negative", [False, False, True, False])])
 def test_ppo_lowmu_exempt_hand_case(sides, keep):
     """PPO eps .2 clips tokens 2 (A > 0, r 1.5) and 4 (A < 0, r .5) whatever mu, and tokens 1 / 3 (mu .005
