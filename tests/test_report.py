@@ -297,3 +297,14 @@ def test_report_with_families_draws_one_panel_each(tmp_path):
     assert f"one panel per method family, `{BASE}` dashed grey in each" in text
     for name in ("reward", "entropy", "rare_share", "accuracy", "kept_frac_buckets"):
         assert (grid / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_declared_margins_reach_the_verdicts(tmp_path):
+    grid = _make_grid(tmp_path / "g", POOR, POOR, seeds=(0, 1, 2))
+    spec = json.loads((grid / "grid.json").read_text())
+    spec["primary"]["margins"] = {"H2": 0.5}
+    (grid / "grid.json").write_text(json.dumps(spec))
+    para = _first_paragraph(build_report(grid, baseline=BASE).read_text())
+    assert "H2 ±0.5 (grid.json), H3 ±0.005 (default)" in para
+    assert "equivalent within ±0.5" in para  # identical accuracy, a generous margin
+    assert _verdicts(grid / "report.md")["H2"] == "EQUIVALENT"

@@ -91,7 +91,7 @@ def test_h4_is_non_inferiority_with_the_declared_margin():
 def test_margins_are_declared_in_the_grid_and_checked():
     grid = {"primary": {"method": AV, "baseline": BASE, "margins": {"H2": 0.03}}}
     plan = resolve_plan(grid, [AV, BASE], BASE)
-    assert plan.margins == {**DEFAULT_MARGINS, "H2": 0.03}
+    assert plan.margins == {**DEFAULT_MARGINS, "H2": 0.03} and plan.margins_declared == ("H2",)
     old = resolve_plan({"primary": {"method": AV, "baseline": BASE}}, [AV, BASE], BASE)  # committed grid.json
     assert old.margins == DEFAULT_MARGINS
     for bad, field in (({"H9": 0.1}, "unknown key 'H9'"), ({"H2": -0.1}, r"margins\.H2"), ({"H2": "x"}, r"margins\.H2")):

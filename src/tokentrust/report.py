@@ -255,8 +255,12 @@ def paired_seed_count(d: GridData) -> int:
 
 
 def _margins_text(d: GridData) -> str:
-    return ", ".join(f"{k} {'±' if not k.endswith('_guard') and k != 'H4' else ''}{m:g}"
-                     for k, m in d.plan.margins.items())
+    """e.g. "H1 ±0.05 (default), H2 ±0.03 (grid.json), ..."."""
+    def one(k: str, m: float) -> str:
+        sign = "" if k.endswith("_guard") or k == "H4" else "±"
+        return f"{k} {sign}{m:g} ({'grid.json' if k in d.plan.margins_declared else 'default'})"
+
+    return ", ".join(one(k, m) for k, m in d.plan.margins.items())
 
 
 def section_verdicts(d: GridData) -> list[str]:

@@ -131,6 +131,7 @@ class Plan:
     declared: bool
     note: str
     margins: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MARGINS))
+    margins_declared: tuple[str, ...] = ()  # the keys grid.json declared (the rest are defaults)
 
 
 @dataclass
@@ -196,7 +197,9 @@ def resolve_plan(
             if name not in methods:
                 raise ValueError(f"grid.primary.{h.key}.{what}: {name!r} has no runs; have {list(methods)}")
         comps[h.key] = (m, b)
-    return Plan(comps, True, "declared in grid.json", resolve_margins(spec.get("margins", {})))
+    margins = spec.get("margins", {})
+    return Plan(comps, True, "declared in grid.json", resolve_margins(margins),
+                tuple(margins) if isinstance(margins, Mapping) else ())
 
 
 def resolve_margins(spec: Any) -> dict[str, float]:
