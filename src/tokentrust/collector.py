@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from tokentrust.config import RunConfig
-from tokentrust.learner import logprobs_by_micro_batch, step_generator
+from tokentrust.learner import logprobs_by_micro_batch, step_generator, use_packed
 from tokentrust.rollout.base import RolloutBatch
 from tokentrust.rollout.weights import RolloutWeights
 from tokentrust.thresholds import BatchFrequencyState, compute_thresholds
@@ -144,7 +144,8 @@ class Collector:
         ref_logp = None
         if self.ref_model is not None:
             ref_logp = logprobs_by_micro_batch(self.ref_model, batch, cfg.rollout.temperature,
-                                               cfg.optim.micro_batch_size)
+                                               cfg.optim.micro_batch_size,
+                                               packed=use_packed(self.ref_model, cfg.optim.packed_forward))
         timings["other"] += time.perf_counter() - t0
         return ScoredBatch(batch, rewards, correct, advantages, delta, ref_logp, prompts, index=index,
                            policy_version=version, fingerprint=fingerprint, timings=timings)

@@ -24,6 +24,7 @@ from tokentrust.diagnostics import (BucketStats, EpochStats, MaskedTokenCounter,
 from tokentrust.logits import gather_logprobs, sampled_logprobs
 from tokentrust.losses import get_loss
 from tokentrust.losses.core import aggregate
+from tokentrust.packed import packed_response_logprobs, unsupported_reason
 from tokentrust.rollout.base import RolloutBatch
 
 
@@ -41,12 +42,18 @@ def step_generator(seed: int, step: int, salt: int = 0, device: torch.device | s
 # ------------------------------------------------------------------------------ forward passes
 
 def response_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: float,
-                      topk_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      topk_ids: torch.Tensor | None = None,
+                      packed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi of the sampled tokens [N, T] (differentiable) and, optionally, of given top-K ids.
 
     Only the response positions' logits are computed (``logits_to_keep``), and the log-softmax
-    is taken in chunks, so no extra full [N, T, V] float32 tensor stays alive.
+    is taken in chunks, so no extra full [N, T, V] float32 tensor stays alive. ``packed`` runs
+    ``tokentrust.packed`` instead (no padding, each distinct prompt once; same values up to float
+    rounding) for models it supports (see ``use_packed``).
     """
+    if packed:
+        return packed_response_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                        batch.response_mask, temperature, topk_ids)
     input_ids, attention_mask, position_ids = batch.sequences()
     t = batch.response_ids.shape[1]
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -58,6 +65,11 @@ def response_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: 
         with torch.no_grad():
             topk = gather_logprobs(logits.detach(), topk_ids, temperature=temperature)
     return logp, topk
+
+
+def use_packed(model: torch.nn.Module, wanted: bool) -> bool:
+    """Whether the learner runs the packed forward: asked for and supported by the model."""
+    return wanted and unsupported_reason(model) is None
 
 
 def trim(batch: RolloutBatch) -> RolloutBatch:
@@ -86,11 +98,11 @@ def micro_batches(batch: RolloutBatch, index, size: int) -> list[RolloutBatch]:
 
 @torch.no_grad()
 def logprobs_by_micro_batch(model: torch.nn.Module, batch: RolloutBatch, temperature: float,
-                            micro_batch_size: int) -> torch.Tensor:
+                            micro_batch_size: int, packed: bool = False) -> torch.Tensor:
     """[N, T] float32 log-probs of the sampled tokens, one trimmed micro-batch at a time (each
     padded back to the batch width T with zeros, so micro-batches of different lengths stack)."""
     width = batch.response_ids.shape[1]
-    parts = [response_logprobs(model, mb, temperature)[0].float()
+    parts = [response_logprobs(model, mb, temperature, packed=packed)[0].float()
              for mb in micro_batches(batch, range(len(batch)), micro_batch_size)]
     return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
 
@@ -116,6 +128,7 @@ class Learner:
         self.loss_params = loss_params(cfg)
         self.needs_topk = cfg.algo.loss.startswith("dppo-topk")
         self.needs_prox = takes_prox_logp(self.loss_fn)
+        self.packed = use_packed(model, cfg.optim.packed_forward)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.trainable(), lr=o.lr, betas=(o.beta1, o.beta2),
                                            weight_decay=o.weight_decay, foreach=True)
@@ -144,7 +157,7 @@ class Learner:
         self.model.eval()
         try:
             return logprobs_by_micro_batch(self.model, batch, self.cfg.rollout.temperature,
-                                           self.cfg.optim.micro_batch_size)
+                                           self.cfg.optim.micro_batch_size, packed=self.packed)
         finally:
             self.model.train(was_training)
 
@@ -213,7 +226,7 @@ class Learner:
             t0 = time.perf_counter()
             mb = trim(data.batch.select(part))
             logp, topk = response_logprobs(self.model, mb, cfg.rollout.temperature,
-                                           mb.behavior_topk_ids if self.needs_topk else None)
+                                           mb.behavior_topk_ids if self.needs_topk else None, packed=self.packed)
             t1 = time.perf_counter()
             mask = mb.response_mask.bool()
             params = dict(self.loss_params, **norm)

@@ -1,0 +1,239 @@
+"""The learner's forward without padding, each distinct prompt computed once (Llama / Qwen2 models).
+
+The learner needs log pi of the sampled response tokens, many times per batch (ppo_epochs x
+minibatches forwards and backwards). The Hugging Face forward computes every column of a padded
+[N, P + T] batch: on the tiny arithmetic preset about 40% of them are padding, and the G samples
+of a GRPO group repeat their prompt G times. This forward runs the same network on
+
+* the real tokens of each *distinct* prompt once (``torch.unique`` over the rows), and
+* the real response tokens of each row except its last (whose output predicts nothing),
+
+packed into one [S, D] tensor for every linear layer, norm and activation. Only attention goes
+back to a padded layout: prompts attend causally within themselves; response tokens attend to their
+prompt's keys and causally to their own response. Logits are computed only where a response token
+is predicted. Same parameters, same math as ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` (RMSNorm in
+float32, rotary embedding in float32 then cast, SwiGLU, tied or separate head), so values and
+gradients equal the padded forward's up to float rounding (tests/test_packed.py checks both,
+and the trainer-level reference test checks whole trajectories).
+
+Models it does not cover (LoRA / peft wrappers, gradient checkpointing, other architectures, rope
+scaling, sliding windows) make ``unsupported_reason`` name the reason, and the learner falls back to
+the plain forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tokentrust.logits import gather_logprobs, sampled_logprobs
+
+SUPPORTED_TYPES = ("llama", "qwen2")
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why the packed forward cannot run ``model`` (None when it can)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED_TYPES:
+        return f"model type {getattr(cfg, 'model_type', None)!r} is not one of {SUPPORTED_TYPES}"
+    if hasattr(model, "get_base_model") or hasattr(model, "peft_config"):
+        return "peft (LoRA) wrapper"
+    if getattr(model, "is_gradient_checkpointing", False):
+        return "gradient checkpointing"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r}"
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        return f"rope type {rope.get('rope_type')!r}"
+    if getattr(cfg, "mlp_bias", False) or getattr(cfg, "pretraining_tp", 1) != 1:
+        return "MLP bias or tensor-parallel pretraining split"
+    if getattr(cfg, "use_sliding_window", False):
+        return "sliding-window attention"
+    if model.training and getattr(cfg, "attention_dropout", 0.0):
+        return "attention dropout"
+    return None
+
+
+# ------------------------------------------------------------------------------------- layout
+
+@dataclass
+class Layout:
+    """Where each real token sits in the packed [S] sequence and in the two padded attention views."""
+
+    tokens: torch.Tensor  # [S] input ids: distinct prompts' real tokens, then response inputs
+    positions: torch.Tensor  # [S] rotary positions
+    prompt_gather: torch.Tensor  # [U, Pm] packed index per (prompt, column), S (a zero row) on padding
+    resp_gather: torch.Tensor  # [N, Rm] packed index per (row, response input column), S on padding
+    prompt_of_row: torch.Tensor  # [N] which distinct prompt row n continues
+    resp_mask: torch.Tensor  # [N, 1, Rm, Pm + Rm] bool: keys a response query may attend to
+    prompt_back: torch.Tensor  # [Sp] flat index into [U * Pm] of each packed prompt token
+    resp_back: torch.Tensor  # [Sr] flat index into [N * Rm] of each packed response token
+    predict_from: torch.Tensor  # [M] packed index whose output predicts each valid response token
+    valid: torch.Tensor  # [N, T] bool, the response mask (M = valid.sum())
+
+
+def build_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                 response_mask: torch.Tensor) -> Layout:
+    """The packed layout of left-padded prompts and right-padded responses (as ``RolloutBatch`` holds them)."""
+    device = prompt_ids.device
+    pm, rm = prompt_mask.bool(), response_mask.bool()
+    if not bool(pm.any(-1).all()):
+        raise ValueError("every row needs at least one prompt token")
+    if bool((rm[:, 1:] & ~rm[:, :-1]).any()):
+        raise ValueError("response_mask must be right-padded (ones, then zeros)")
+    if bool((pm[:, :-1] & ~pm[:, 1:]).any()):
+        raise ValueError("prompt_mask must be left-padded (zeros, then ones)")
+    uniq, prompt_of_row = torch.unique(torch.cat([prompt_ids * pm, pm.long()], 1), dim=0, return_inverse=True)
+    P = prompt_ids.shape[1]
+    u_ids, u_mask = uniq[:, :P], uniq[:, P:].bool()
+    u_len = u_mask.sum(-1)  # [U]
+    U, N = len(uniq), response_ids.shape[0]
+    Pm = int(u_len.max())
+    r_len = rm.sum(-1)  # [N]
+    in_len = (r_len - 1).clamp_min(0)  # response tokens fed as inputs (the last one predicts nothing)
+    Rm = max(int(in_len.max()) if N else 0, 1)
+
+    # packed prompt tokens: left-aligned real tokens of each distinct prompt
+    p_cols = torch.arange(Pm, device=device)
+    p_valid = p_cols[None, :] < u_len[:, None]  # [U, Pm], real tokens moved to the left
+    shift = P - u_len  # the first real column of each distinct prompt
+    src_cols = (shift[:, None] + p_cols[None, :]).clamp_max(P - 1)
+    p_tokens = u_ids.gather(1, src_cols)[p_valid]
+    Sp = int(p_valid.sum())
+    r_cols = torch.arange(Rm, device=device)
+    r_valid = r_cols[None, :] < in_len[:, None]  # [N, Rm]
+    r_tokens = response_ids[:, :Rm][r_valid]  # Rm <= max(T - 1, 1) <= T
+    Sr = int(r_valid.sum())
+    S = Sp + Sr
+
+    tokens = torch.cat([p_tokens, r_tokens])
+    positions = torch.cat([p_cols.expand(U, Pm)[p_valid],
+                           (u_len[prompt_of_row][:, None] + r_cols[None, :])[r_valid]])
+    prompt_gather = torch.full((U, Pm), S, dtype=torch.long, device=device)
+    prompt_gather[p_valid] = torch.arange(Sp, device=device)
+    resp_gather = torch.full((N, Rm), S, dtype=torch.long, device=device)
+    resp_gather[r_valid] = torch.arange(Sp, S, device=device)
+    key_prompt = p_valid[prompt_of_row][:, None, :].expand(N, Rm, Pm)  # [N, Rm, Pm]
+    key_resp = torch.ones(Rm, Rm, dtype=torch.bool, device=device).tril()[None].expand(N, Rm, Rm)
+    resp_mask = torch.cat([key_prompt, key_resp], -1)[:, None]
+
+    # the output that predicts response token j of row n: the prompt's last token (j = 0), else input j - 1
+    T = response_ids.shape[1]
+    last_prompt = prompt_gather[prompt_of_row, u_len[prompt_of_row] - 1]  # [N]
+    pred = torch.empty((N, T), dtype=torch.long, device=device)
+    pred[:, 0] = last_prompt
+    if T > 1:
+        pred[:, 1:] = torch.nn.functional.pad(resp_gather, (0, max(T - 1 - Rm, 0)))[:, :T - 1]
+    return Layout(tokens=tokens, positions=positions, prompt_gather=prompt_gather, resp_gather=resp_gather,
+                  prompt_of_row=prompt_of_row, resp_mask=resp_mask,
+                  prompt_back=p_valid.flatten().nonzero().squeeze(1), resp_back=r_valid.flatten().nonzero().squeeze(1),
+                  predict_from=pred[rm], valid=rm)
+
+
+# ------------------------------------------------------------------------------------ network
+
+def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """HF Llama/Qwen2 RMSNorm: normalise in float32, cast back, then scale."""
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return norm.weight * h.to(x.dtype)
+
+
+def _rotary(model: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [S, head_dim] of the packed positions, computed in float32 as HF does, then cast."""
+    rot = model.model.rotary_emb
+    freqs = positions.float()[:, None] * rot.inv_freq.float().to(positions.device)[None, :]
+    emb = torch.cat([freqs, freqs], -1)
+    scale = getattr(rot, "attention_scaling", 1.0)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], -1)
+
+
+def _linear(x: torch.Tensor, *layers: torch.nn.Linear) -> torch.Tensor:
+    """Several projections of x as one matmul (weights concatenated; gradients split back)."""
+    w = layers[0].weight if len(layers) == 1 else torch.cat([lin.weight for lin in layers])
+    biases = [lin.bias for lin in layers]
+    if all(b is None for b in biases):
+        return x @ w.t()
+    b = torch.cat([bb if bb is not None else w.new_zeros(lin.weight.shape[0]) for bb, lin in zip(biases, layers)])
+    return torch.addmm(b, x, w.t())
+
+
+def _padded(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of x at ``index`` ([..]), with index == len(x) giving a zero row."""
+    return torch.cat([x, x.new_zeros((1,) + x.shape[1:])])[index]
+
+
+def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, Hkv, L, d] -> [B, Hkv * n, L, d] (each key/value head shared by n query heads)."""
+    if n == 1:
+        return x
+    b, h, length, d = x.shape
+    return x[:, :, None].expand(b, h, n, length, d).reshape(b, h * n, length, d)
+
+
+def _attention(attn: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lay: Layout,
+               heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Self-attention of the packed tokens: causal within prompts, responses over prompt + own prefix."""
+    qkv = _linear(h, attn.q_proj, attn.k_proj, attn.v_proj)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    q, k, v = q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim), v.view(-1, kv_heads, head_dim)
+    c, s = cos[:, None], sin[:, None]
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    rep = heads // kv_heads
+    # prompts: [U, H, Pm, d], left-aligned, so plain causal attention never sees padding from a real query
+    qp, kp, vp = (_padded(t, lay.prompt_gather).transpose(1, 2) for t in (q, k, v))
+    out_p = F.scaled_dot_product_attention(qp, _repeat_kv(kp, rep), _repeat_kv(vp, rep), is_causal=True)
+    # responses: [N, H, Rm, d] over [prompt keys (Pm) | own response keys (Rm)]
+    qr, kr, vr = (_padded(t, lay.resp_gather).transpose(1, 2) for t in (q, k, v))
+    kr = torch.cat([kp[lay.prompt_of_row], kr], 2)
+    vr = torch.cat([vp[lay.prompt_of_row], vr], 2)
+    out_r = F.scaled_dot_product_attention(qr, _repeat_kv(kr, rep), _repeat_kv(vr, rep), attn_mask=lay.resp_mask)
+    width = heads * head_dim
+    out = torch.cat([out_p.transpose(1, 2).reshape(-1, width)[lay.prompt_back],
+                     out_r.transpose(1, 2).reshape(-1, width)[lay.resp_back]])
+    return _linear(out, attn.o_proj)
+
+
+def packed_hidden(model: torch.nn.Module, lay: Layout) -> torch.Tensor:
+    """Final-norm hidden states [M, D] at the positions that predict the valid response tokens."""
+    cfg, body = model.config, model.model
+    heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    x = body.embed_tokens(lay.tokens)
+    cos, sin = _rotary(model, lay.positions, x.dtype)
+    for layer in body.layers:
+        x = x + _attention(layer.self_attn, _rms_norm(x, layer.input_layernorm), cos, sin, lay, heads, kv_heads,
+                           head_dim)
+        mlp = layer.mlp
+        gate, up = _linear(_rms_norm(x, layer.post_attention_layernorm), mlp.gate_proj, mlp.up_proj).chunk(2, -1)
+        x = x + _linear(F.silu(gate) * up, mlp.down_proj)
+    return _rms_norm(x[lay.predict_from], body.norm)
+
+
+def packed_response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                             response_ids: torch.Tensor, response_mask: torch.Tensor, temperature: float = 1.0,
+                             topk_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi [N, T] of the sampled tokens (0 where response_mask is 0), differentiable, and
+    optionally the no-grad log-probs [N, T, K] of ``topk_ids`` (the Top-K DPPO losses)."""
+    lay = build_layout(prompt_ids, prompt_mask, response_ids, response_mask)
+    hidden = packed_hidden(model, lay)
+    logits = model.get_output_embeddings()(hidden)  # [M, V]
+    out = torch.zeros(response_ids.shape, dtype=torch.float32, device=response_ids.device)
+    out = out.masked_scatter(lay.valid, sampled_logprobs(logits, response_ids[lay.valid], temperature=temperature))
+    topk = None
+    if topk_ids is not None:
+        with torch.no_grad():
+            k = topk_ids.shape[-1]
+            topk = torch.zeros(topk_ids.shape, dtype=torch.float32, device=topk_ids.device)
+            vals = gather_logprobs(logits.detach(), topk_ids[lay.valid], temperature=temperature)
+            topk[lay.valid] = vals.reshape(-1, k)
+    return out, topk

@@ -1,0 +1,127 @@
+"""The packed, prefix-shared learner forward equals the padded Hugging Face forward, values and
+gradients, on Llama (with grouped-query attention) and Qwen2 (with q/k/v biases)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokentrust.learner import response_logprobs
+from tokentrust.packed import build_layout, packed_response_logprobs, unsupported_reason
+from tokentrust.rollout.base import RolloutBatch
+
+V = 61
+
+
+def _llama(kv_heads: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=kv_heads, max_position_embeddings=128, tie_word_embeddings=True,
+                      pad_token_id=0, bos_token_id=None, eos_token_id=1)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=False,
+                      pad_token_id=0, bos_token_id=None, eos_token_id=1)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(1)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():  # Qwen2's q/k/v biases start at zero; make them matter
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                lin.bias.normal_(0, 0.5)
+    return model
+
+
+def _batch(seed: int = 0, groups: int = 3, group_size: int = 3, P: int = 7, T: int = 9) -> RolloutBatch:
+    """Left-padded prompts of different lengths, each repeated group_size times; right-padded
+    responses of lengths 1 .. T (one reaching the full width)."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids, prompt_mask, resp_ids, resp_mask = [], [], [], []
+    for i in range(groups):
+        n = [P, 3, 1, 5][i % 4]
+        ids = torch.zeros(P, dtype=torch.long)
+        ids[P - n:] = torch.randint(2, V, (n,), generator=g)
+        mask = (torch.arange(P) >= P - n).long()
+        for j in range(group_size):
+            r = [T, 1, 4, 6, 2][(i * group_size + j) % 5]
+            rid = torch.zeros(T, dtype=torch.long)
+            rid[:r] = torch.randint(2, V, (r,), generator=g)
+            prompt_ids.append(ids)
+            prompt_mask.append(mask)
+            resp_ids.append(rid)
+            resp_mask.append((torch.arange(T) < r).long())
+    st = torch.stack
+    return RolloutBatch(prompt_ids=st(prompt_ids), prompt_mask=st(prompt_mask), response_ids=st(resp_ids),
+                        response_mask=st(resp_mask), behavior_logp=torch.zeros(len(resp_ids), T),
+                        response_texts=[""] * len(resp_ids), num_generated_tokens=0)
+
+
+def _grads(model, batch: RolloutBatch, packed: bool, temperature: float):
+    model.zero_grad(set_to_none=True)
+    logp, _ = response_logprobs(model, batch, temperature, packed=packed)
+    weights = torch.linspace(-1, 1, logp.numel()).view_as(logp)  # a loss that touches every token differently
+    (logp * weights * batch.response_mask).sum().backward()
+    return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("make", [_llama, _qwen2], ids=["llama-gqa", "qwen2-bias"])
+def test_packed_forward_matches_padded_forward_values_and_gradients(make, one_thread):
+    model = make().train()
+    batch = _batch()
+    assert unsupported_reason(model) is None
+    ref_logp, ref_grads = _grads(model, batch, packed=False, temperature=0.7)
+    logp, grads = _grads(model, batch, packed=True, temperature=0.7)
+    mask = batch.response_mask.bool()
+    torch.testing.assert_close(logp[mask], ref_logp[mask], rtol=1e-5, atol=1e-5)
+    assert (logp[~mask] == 0).all()
+    assert set(grads) == set(ref_grads)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_topk_logprobs_match_padded(one_thread):
+    model = _llama().eval()
+    batch = _batch(seed=3)
+    topk_ids = torch.randint(0, V, batch.response_ids.shape + (4,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, ref = response_logprobs(model, batch, 1.0, topk_ids, packed=False)
+        _, got = response_logprobs(model, batch, 1.0, topk_ids, packed=True)
+    mask = batch.response_mask.bool()
+    torch.testing.assert_close(got[mask], ref[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_layout_shares_prompts_and_drops_padding():
+    # two rows with the same prompt [5, 6] (left-padded to 3), responses [7, 8, 9] and [4]
+    batch = RolloutBatch(prompt_ids=torch.tensor([[0, 5, 6], [0, 5, 6]]), prompt_mask=torch.tensor([[0, 1, 1]] * 2),
+                         response_ids=torch.tensor([[7, 8, 9], [4, 0, 0]]),
+                         response_mask=torch.tensor([[1, 1, 1], [1, 0, 0]]), behavior_logp=torch.zeros(2, 3),
+                         response_texts=["", ""], num_generated_tokens=4)
+    lay = build_layout(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    # the prompt once, then the response inputs 7, 8 (9 and 4 are last tokens: they predict nothing)
+    assert lay.tokens.tolist() == [5, 6, 7, 8]
+    assert lay.positions.tolist() == [0, 1, 2, 3]
+    assert lay.prompt_of_row.tolist() == [0, 0]
+    # 7 is predicted by the prompt's last token (packed 1), 8 by 7 (2), 9 by 8 (3); row 2's 4 by the prompt
+    assert lay.predict_from.tolist() == [1, 2, 3, 1]
+
+
+def test_unsupported_models_are_named():
+    model = _llama()
+    model.gradient_checkpointing_enable()
+    assert "checkpointing" in unsupported_reason(model)
+    from tokentrust.models import apply_lora
+
+    assert "peft" in unsupported_reason(apply_lora(_llama(), r=2, target_modules=["q_proj"]))
+
+
+def test_packed_rejects_right_padded_prompts():
+    with pytest.raises(ValueError, match="left-padded"):
+        build_layout(torch.tensor([[3, 0]]), torch.tensor([[1, 0]]), torch.tensor([[4]]), torch.tensor([[1]]))
