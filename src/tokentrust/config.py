@@ -140,6 +140,9 @@ class OptimConfig(_Section):
     micro_batch_size: int = Field(0, ge=0)  # sequences per forward/backward (0 = whole minibatch)
     warmup_steps: int = Field(0, ge=0)
     max_nonfinite_steps: int = Field(5, ge=1)  # stop after this many consecutive non-finite loss/grad skips
+    # The learner's forward without padding and with each distinct prompt computed once (tokentrust.packed;
+    # Llama / Qwen2 without LoRA or gradient checkpointing; others fall back). Same values up to float rounding.
+    packed_forward: bool = True
 
 
 class LogConfig(_Section):
