@@ -20,6 +20,7 @@ Spec (JSON): {"preset": "tiny-arith", "overrides": {...}, "seeds": [0, 1, 2],
               "methods": ["ppo", "dppo-tv", ...],
               "regimes": {"s2-u8-lr1e-4": {"rollout": {"staleness": 2},
                                            "optim": {"ppo_epochs": 2, "minibatches": 4, "lr": 1e-4}}, ...}}
+A regime may name its own "methods" and "seeds" (replacing the spec's for that regime).
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ def mechanism_table(out: Path, spec: dict[str, Any], method: str = "dppo-tv") ->
              "bucket (share of the token mass, most frequent first), and masked fraction per PPO epoch.", "",
              "| regime | " + " | ".join(f"{b} m / d" for b in BUCKETS) + " | masked by epoch |",
              "|---|" + "---:|" * len(BUCKETS) + "---|"]
-    for regime in spec["regimes"]:
-        runs = [out / regime / "runs" / method / f"seed_{s}" for s in spec["seeds"]]
+    for regime, over in spec["regimes"].items():
+        runs = [out / regime / "runs" / method / f"seed_{s}" for s in over.get("seeds", spec["seeds"])]
         mech = [mechanism(d) for d in runs if (d / "metrics.jsonl").exists()]
         if not mech:
             continue
@@ -138,8 +139,10 @@ def run_sweep(spec: dict[str, Any], out: Path, workers: int, table_only: bool,
               threads: int = 0) -> list[dict[str, Any]]:
     rows = []
     for regime, over in spec["regimes"].items():
+        over = dict(over)
+        methods, seeds = over.pop("methods", spec["methods"]), over.pop("seeds", spec["seeds"])
         grid = {"name": f"sweep-{regime}", "preset": spec.get("preset", "tiny-arith"),
-                "methods": spec["methods"], "seeds": spec["seeds"],
+                "methods": methods, "seeds": seeds,
                 "overrides": deep_merge(spec.get("overrides", {}), over)}
         gdir = out / regime
         if not table_only:
@@ -151,9 +154,9 @@ def run_sweep(spec: dict[str, Any], out: Path, workers: int, table_only: bool,
                          command="python " + " ".join(sys.argv))
             print(f"regime {regime}: {time.time() - t0:.0f}s", flush=True)
         warm = eval_row(gdir / "warm_start")
-        for m in spec["methods"]:
+        for m in methods:
             name = m if isinstance(m, str) else m["name"]
-            for seed in spec["seeds"]:
+            for seed in seeds:
                 d = gdir / "runs" / name / f"seed_{seed}"
                 if (d / "metrics.jsonl").exists():
                     row = {"regime": regime, "method": name, "seed": seed, **run_row(d)}
@@ -216,7 +219,8 @@ def main() -> int:
     ap.add_argument("--results", default=None, help="write sweep.csv and sweep.md here (default: --out)")
     args = ap.parse_args()
     spec = json.loads(Path(args.spec).read_text())
-    unknown = [m for m in spec["methods"] if isinstance(m, str) and m not in METHODS]
+    unknown = [m for r in [spec, *spec["regimes"].values()] for m in r.get("methods", [])
+               if isinstance(m, str) and m not in METHODS]
     if unknown:
         raise SystemExit(f"{args.spec}: unknown method(s) {unknown}")
     out = Path(args.out)

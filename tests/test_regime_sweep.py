@@ -50,3 +50,15 @@ def test_rows_carry_the_warm_start_and_the_gain(tmp_path, sweep):
     assert "| r1 | ppo | 1000 | 512 (93) | 0.300 | 0.450 | +0.150 | 0.100 -> 0.250 | 0.200 -> 0.500 |" in md
     assert sweep.gain_table(rows[1:]) == ""
     assert "| r1 | ppo | 2 |" in sweep.table(rows)
+
+
+def test_a_regime_may_name_its_own_methods_and_seeds(tmp_path, sweep):
+    spec = {"seeds": [1000], "methods": ["ppo", "dppo-tv"],
+            "regimes": {"sync": {}, "stale": {"methods": ["dppo-tv"], "seeds": [1001], "rollout": {"staleness": 2}}}}
+    for regime, method, seed in [("sync", "ppo", 1000), ("sync", "dppo-tv", 1000), ("stale", "dppo-tv", 1001),
+                                 ("stale", "ppo", 1000)]:  # the last is outside its regime's list
+        _run(tmp_path / regime / "runs" / method / f"seed_{seed}", [0.3] * 12)
+    rows = sweep.run_sweep(spec, tmp_path, workers=1, table_only=True)
+    assert [(r["regime"], r["method"], r["seed"]) for r in rows] == [
+        ("sync", "ppo", 1000), ("sync", "dppo-tv", 1000), ("stale", "dppo-tv", 1001)]
+    assert "| stale |" in sweep.mechanism_table(tmp_path, spec)
