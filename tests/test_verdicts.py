@@ -97,3 +97,13 @@ def test_margins_are_declared_in_the_grid_and_checked():
     for bad, field in (({"H9": 0.1}, "unknown key 'H9'"), ({"H2": -0.1}, r"margins\.H2"), ({"H2": "x"}, r"margins\.H2")):
         with pytest.raises(ValueError, match=field):
             resolve_plan({"primary": {"method": AV, "margins": bad}}, [AV, BASE], BASE)
+
+
+def test_guard_held_back_gain_is_not_called_undetected(tmp_path):
+    """An H3 gain that its accuracy guard holds back is INCONCLUSIVE, but the sentence must not say
+    'no detectable improvement' (the gain was detected)."""
+    from tokentrust.report import _verdict_sentence
+
+    v = _h3(_summaries(0.02, [-0.2, 0.05, -0.15, 0.0]))
+    text = _verdict_sentence(v)
+    assert "no detectable improvement" not in text and "non-inferiority within 0.05 not shown" in text

@@ -1,5 +1,7 @@
 """Experiment metrics: accuracy, stability, rare-token diversity, coherence and trust-region
-diagnostics (inference over seeds lives in `tokentrust.inference`).
+diagnostics (inference over seeds lives in `tokentrust.inference`). Log reading lives in
+`tokentrust.metric_logs` and the stability metrics in `tokentrust.stability`; both are re-exported
+here, so `tokentrust.metrics.<name>` keeps working.
 
 Everything here is a pure function of logged data (RUN_DIR/metrics.jsonl, eval/results.json) or of
 a frozen model; nothing touches trainer state. `summarize_run` turns one run directory into one

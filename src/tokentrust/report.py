@@ -218,9 +218,14 @@ def _margin_text(v: HypothesisResult, alpha: float) -> str:
     span = f"{_level(2 * alpha)} interval [{_fmt(lo)}, {_fmt(hi)}], TOST Holm p {_fmt_p(v.p_equiv)}"
     if v.label == EQUIVALENT:
         return f"equivalent within ±{m:g} ({span})"
-    if v.label == INCONCLUSIVE:
+    if v.label == INCONCLUSIVE and not _significant(v, alpha):
         return f"no detectable improvement; equivalence within ±{m:g} not shown ({span})"
     return ""
+
+
+def _significant(v: HypothesisResult, alpha: float) -> bool:
+    """The primary test itself rejected (e.g. an H3 gain held back by its accuracy guard)."""
+    return math.isfinite(v.p_holm) and v.p_holm < alpha
 
 
 def _verdict_sentence(v: HypothesisResult, alpha: float = 0.05) -> str:
@@ -238,7 +243,7 @@ def _verdict_sentence(v: HypothesisResult, alpha: float = 0.05) -> str:
         text += "; " + margin
     if v.label in (INCONCLUSIVE, EQUIVALENT) and r.n >= 2 and r.sd == 0:
         text += "; the differences have no spread across seeds, so the exact sign-flip p decides"
-    elif v.label == INCONCLUSIVE and r.n >= 2:
+    elif v.label == INCONCLUSIVE and r.n >= 2 and not _significant(v, alpha):
         text += (
             f"; detectable at n = {r.n} with 80% power (level {v.level:.3g}): |difference| ≥ "
             f"{_fmt(v.mde)}; seeds for 80% power at the observed difference: {_seeds_text(v.seeds_needed)}"

@@ -58,7 +58,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 # ------------------------------------------------------------------------------ reference
 
 REFERENCE_METRICS = ("eval/greedy_pass@1", "eval/mean@k", "eval/pass@k", "eval/acc_rare_answer",
-                     "eval/acc_common_answer", "rare/share_rare", "coherence/nll", "coherence/garbage_share")
+                     "eval/acc_common_answer", "rare/share_rare_seen", "coherence/nll", "coherence/garbage_share",
+                     "coherence/unseen_token_share")
 
 
 def section_reference(d: Any) -> list[str]:
@@ -76,7 +77,8 @@ def section_reference(d: Any) -> list[str]:
         rows.append([f"`{m}`", *[_fmt(float(np.mean(v))) if v else "n/a" for v in vals]])
     return ["## Before and after RL",
             "The warm start every run begins from, evaluated on the same problems with the same settings "
-            "(seed 0), next to each method's mean over seeds after RL.",
+            "(seed 0), next to each method's mean over the matched seeds after RL (also summary.csv's "
+            "`warm_start` row).",
             _table(["model", *keys], rows)]
 
 
