@@ -29,6 +29,7 @@ from tokentrust.collector import BatchPipeline, Collector, ScoredBatch, group_ad
 from tokentrust.config import RunConfig
 from tokentrust.diagnostics import mechanism_metrics
 from tokentrust.learner import Learner, NonFiniteError  # noqa: F401  (NonFiniteError: part of this module's API)
+from tokentrust.machine import record_machine
 from tokentrust.rollout.weights import RolloutWeights
 from tokentrust.runlog import JsonlWriter, Progress, Trackers, atomic_write_json, read_jsonl, truncate_jsonl
 from tokentrust.vocab import FrequencyTable, TokenInfo
@@ -159,6 +160,7 @@ class Trainer:
         for name in ("metrics.jsonl", "samples.jsonl", "DONE"):  # leftovers of a run that never checkpointed
             (self.out / name).unlink(missing_ok=True)
         atomic_write_json(self.out / "config.json", self.cfg.to_dict())
+        record_machine(self.out)  # float32 results depend on the CPU's vector width: say which one ran
 
     def _resume(self) -> None:
         path = ckpt.latest_checkpoint(self.out / "checkpoints")
@@ -170,6 +172,7 @@ class Trainer:
             raise ValueError(f"rollout.staleness is {self.cfg.rollout.staleness} but checkpoint {path.name} was "
                              f"written with staleness {saved_k}; resume with the same value")
         self.step = state["step"]
+        record_machine(self.out, resumed=True)
         self.learner.load_state(state, version=self.step)
         self.pipeline.load_state(extra, self.step, self.device)
         self.learner.masked_tokens.load_state(extra)
