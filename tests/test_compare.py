@@ -141,3 +141,19 @@ def test_a_method_may_run_fewer_seeds(tmp_path):
     assert runs[-1][2].algo.loss == "pg-is"  # the named METHODS entry, refined by its seeds
     with pytest.raises(ConfigError, match=r"grid.methods\['pg-is'\].seeds"):
         expand_methods([{"name": "pg-is", "seeds": []}])
+
+
+def test_auto_workers_one_per_core_on_cpu_bounded_by_runs_and_memory():
+    from types import SimpleNamespace
+
+    from tokentrust.compare import auto_workers
+
+    def cfg(name="tiny", device="cpu"):
+        return SimpleNamespace(model=SimpleNamespace(name=name, device=device))
+
+    assert auto_workers([cfg()] * 8, cores=2, memory_gib=24) == 2  # 2 cores: 2 runs x 1 thread
+    assert auto_workers([cfg()] * 8, cores=16, memory_gib=24) == 8  # never more than the runs
+    assert auto_workers([cfg()], cores=2, memory_gib=24) == 1
+    assert auto_workers([cfg("smollm2")] * 4, cores=16, memory_gib=24) == 3  # 6 GiB per real model, 80% of 24
+    assert auto_workers([cfg(device="cuda")] * 4, cores=16, memory_gib=128) == 1  # one GPU: one run at a time
+    assert auto_workers([], cores=2) == 1

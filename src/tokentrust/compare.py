@@ -343,7 +343,28 @@ def _run_state(record: dict[str, Any], max_steps: int) -> str:
             f"kept {'nan' if kept is None else f'{kept:.3f}'}")
 
 
-def run_grid(spec: dict[str, Any], grid_dir: str | Path, *, workers: int = 1, overrides: dict[str, Any] | None = None,
+def auto_workers(configs: list[Any], cores: int | None = None, memory_gib: float | None = None) -> int:
+    """Runs in parallel when ``--workers`` is not given: one on a GPU; on a CPU one per core (tiny
+    models gain little from a second thread: a 2-core machine runs 2 runs x 1 thread), at most as
+    many as there are runs and as fit in memory (about 1 GiB per tiny run, 6 GiB per real model)."""
+    if not configs:
+        return 1
+    cores = cores or os.cpu_count() or 1
+    if any(c.model.device == "cuda" for c in configs):
+        return 1
+    if any(c.model.device == "auto" for c in configs):
+        import torch
+
+        if torch.cuda.is_available():
+            return 1
+    if memory_gib is None:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    per_run = 1.0 if all(c.model.name == "tiny" for c in configs) else 6.0
+    return max(1, min(cores, len(configs), int(memory_gib * 0.8 // per_run)))
+
+
+def run_grid(spec: dict[str, Any], grid_dir: str | Path, *, workers: int | None = None,
+             overrides: dict[str, Any] | None = None,
              command: str = "", build_report: bool = True, quiet: bool = False, part: str | None = None) -> Path:
     """Run (or finish) every run of the grid (or of its part ``part``), then write the report over all
     finished runs. grid.json always describes the whole grid.
@@ -369,10 +390,12 @@ def run_grid(spec: dict[str, Any], grid_dir: str | Path, *, workers: int = 1, ov
     selected = part_runs(spec, part)
     todo = [(n, s, c, run_status(Path(c.out_dir))) for n, s, c in runs if selected is None or (n, s) in selected]
     pending = [t for t in todo if t[3] != "done"]
+    if workers is None:
+        workers = auto_workers([c for _, _, c, _ in pending])
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     print(f"grid {spec.get('name')}{'' if part is None else f' part {part}'}: {len(todo)} runs, "
           f"{len(todo) - len(pending)} already done, "
-          f"{len(pending)} to run with {workers} worker(s)", flush=True)
-    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+          f"{len(pending)} to run with {workers} worker(s) x {threads} thread(s)", flush=True)
     failures = []
     started: dict[int, float] = {}  # index in pending -> start time (set by the worker thread)
 

@@ -20,7 +20,9 @@ def register(subparsers: Any) -> None:
                          f"{k} = {' then '.join(v)} into OUT/<grid>/" for k, v in STUDIES.items()))
     src.add_argument("--config", default=None, help="grid file (YAML/JSON/TOML): preset|config, methods, seeds, overrides")
     p.add_argument("--out", default=None, help="grid directory (default: runs/compare-<name>)")
-    p.add_argument("--workers", type=int, default=1, help="runs in parallel (threads are split between them)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="runs in parallel, the cores' threads split between them (default: one per core on a CPU, "
+                        "as memory allows; one on a GPU)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of every run, e.g. --set max_steps=10")
     p.add_argument("--part", default=None, help="run only this part of the grid (its 'parts' key); the report "
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         for name, entry in METHODS.items():
             print(f"{name:20s} {entry['family']:9s} {entry['description']}")
         return 0
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     command = "tokentrust " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.preset in STUDIES:
