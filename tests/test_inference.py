@@ -204,3 +204,17 @@ def test_tost_and_shifted_null_against_statsmodels():
     flat = I.paired_test(np.arange(4.0) + 0.01, np.arange(4.0))  # no spread
     assert I.tost_pvalue(flat, 0.05) == 0.5**4 and I.tost_pvalue(flat, 0.005) == 1.0
     assert math.isnan(I.tost_pvalue(I.paired_test([1.0], [0.0]), 0.1))
+
+
+def test_tost_seeds_needed_against_the_notes_and_monte_carlo():
+    # the statistics notes' example: s = 0.106, m = 0.05, alpha 0.05, 80% power. Their formula with
+    # t_{0.95,40} = 1.684 and t_{0.90,40} = 1.303 (tables): (2.987)^2 x (0.106 / 0.05)^2 = 40.1 -> 41
+    # pairs (the notes' "about 28" gives 57% power: see the Monte Carlo below at n = 41)
+    n = I.tost_seeds_needed(0.106, 0.05)
+    assert n == 41
+    rng = np.random.default_rng(8)  # at that n, TOST on a true difference of 0 succeeds ~80% of the time
+    d = rng.normal(0.0, 0.106, size=(4000, n))
+    se = d.std(axis=1, ddof=1) / math.sqrt(n)
+    p = np.maximum(stats.t.sf((d.mean(1) + 0.05) / se, n - 1), stats.t.cdf((d.mean(1) - 0.05) / se, n - 1))
+    assert np.mean(p < 0.05) == pytest.approx(0.8, abs=0.04)
+    assert I.tost_seeds_needed(0.0, 0.05) is None and I.tost_seeds_needed(1.0, 1e-4) is None

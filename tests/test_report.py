@@ -308,3 +308,16 @@ def test_declared_margins_reach_the_verdicts(tmp_path):
     assert "H2 ±0.5 (grid.json), H3 ±0.005 (default)" in para
     assert "equivalent within ±0.5" in para  # identical accuracy, a generous margin
     assert _verdicts(grid / "report.md")["H2"] == "EQUIVALENT"
+
+
+def test_inconclusive_states_the_seeds_equivalence_would_need(tmp_path):
+    from tokentrust.inference import tost_seeds_needed
+    from tokentrust.report import analyse
+
+    grid = _make_grid(tmp_path / "g", POOR, POOR, seeds=(0, 1, 2))
+    para = _first_paragraph(build_report(grid, baseline=BASE).read_text())
+    h2 = next(v for v in analyse(grid, BASE, 0.05).verdicts if v.hypothesis.key == "H2")
+    need = tost_seeds_needed(h2.result.sd, 0.05)
+    assert h2.label == "INCONCLUSIVE" and need is not None and need > 3
+    sentence = para.split("**H2 ", 1)[1].split("**H3 ", 1)[0]
+    assert f"seeds to show it with 80% power at this sd: {need})" in sentence

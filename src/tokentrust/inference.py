@@ -340,6 +340,18 @@ def shifted_pvalue(r: PairedResult, null: float) -> float:
     return float(2 * stats.t.sf(abs(r.diff - null) / se, df))
 
 
+def tost_seeds_needed(sd: float, margin: float, alpha: float = 0.05, power: float = POWER) -> int | None:
+    """Smallest n of paired seeds at which TOST shows equivalence within +/- margin with `power`
+    when the true difference is 0 and the paired sd is `sd`: n >= (t_{1-alpha,n-1} +
+    t_{1-(1-power)/2,n-1})^2 sd^2 / margin^2 (None beyond 1000 or undefined)."""
+    if not (math.isfinite(sd) and math.isfinite(margin)) or sd <= 0 or margin <= 0:
+        return None
+    ns = np.arange(2, MAX_SEEDS + 1)
+    need = (stats.t.ppf(1 - alpha, ns - 1) + stats.t.ppf(1 - (1 - power) / 2, ns - 1)) ** 2 * sd**2 / margin**2
+    hit = np.flatnonzero(ns >= need)
+    return int(ns[hit[0]]) if hit.size else None
+
+
 def interval(r: PairedResult, alpha: float) -> tuple[float, float]:
     """The (1 - alpha) t-interval of the difference at any level (e.g. 1 - 2 alpha for TOST)."""
     if r.n < 2 or not math.isfinite(r.sd):

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from tokentrust import report_study as study
-from tokentrust.inference import PairedResult, interval, min_signflip_p
+from tokentrust.inference import PairedResult, interval, min_signflip_p, tost_seeds_needed
 from tokentrust.metrics import load_metrics, read_jsonl, summarize_run
 from tokentrust.report_figures import section_plots
 from tokentrust.report_tables import (
@@ -219,7 +219,9 @@ def _margin_text(v: HypothesisResult, alpha: float) -> str:
     if v.label == EQUIVALENT:
         return f"equivalent within ±{m:g} ({span})"
     if v.label == INCONCLUSIVE and not _significant(v, alpha):
-        return f"no detectable improvement; equivalence within ±{m:g} not shown ({span})"
+        need = _seeds_text(tost_seeds_needed(r.sd, m, alpha))
+        return (f"no detectable improvement; equivalence within ±{m:g} not shown ({span}; seeds to show it "
+                f"with 80% power at this sd: {need})")
     return ""
 
 
