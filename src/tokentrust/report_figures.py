@@ -37,6 +37,11 @@ def forest_panels(d: Any) -> dict[str, Panel]:
     return panels
 
 
+def _forest_margins(d: Any) -> dict[str, float]:
+    """{forest panel: declared margin of its hypothesis}."""
+    return {f"{h.key}: {_short(h.primary[0])}": d.plan.margins[h.key] for h in HYPOTHESES if h.key in d.plan.margins}
+
+
 def _mean_range(v: list[float]) -> tuple[float, float, float]:
     return (float(np.mean(v)), float(np.min(v)), float(np.max(v))) if v else (math.nan,) * 3
 
@@ -73,7 +78,8 @@ def section_plots(d: Any, tv: Any) -> list[str]:
     where = f"one panel per method family, `{d.baseline}` dashed grey in each; mean over matched seeds"
     out: list[tuple[str, Path | None]] = [
         (f"Primary metrics: method − `{d.baseline}` (primary comparison filled) with {_level(d.alpha)} intervals",
-         plots.plot_forest(forest_panels(d), "difference vs baseline", pdir / "forest.png")),
+         plots.plot_forest(forest_panels(d), "difference vs baseline (dotted: declared margins)",
+                           pdir / "forest.png", _forest_margins(d))),
         (f"Reward per step ({where}, band = min..max)",
          plots.plot_curves(tv.records, ["reward/mean"], "mean reward", pdir / "reward.png", groups)),
         (f"Policy entropy per step ({where})",

@@ -141,10 +141,12 @@ def plot_forest(
     panels: dict[str, list[tuple[str, float, float, float, bool]]],
     title: str,
     path: Path,
+    margins: dict[str, float] | None = None,
 ) -> Path | None:
     """One panel per metric; rows are methods, each a point (method - baseline) with its interval.
 
-    `panels`: {metric: [(method, diff, lo, hi, primary)]}; primary comparisons are drawn filled."""
+    `panels`: {metric: [(method, diff, lo, hi, primary)]}; primary comparisons are drawn filled.
+    `margins`: {metric: m} draws the declared margin at +/- m (dotted)."""
     panels = {k: v for k, v in panels.items() if v}
     if not panels:
         return None
@@ -159,6 +161,10 @@ def plot_forest(
             ax.plot([diff], [yi], "o", color="C3" if primary else "C0",
                     markerfacecolor="C3" if primary else "white")
         ax.axvline(0.0, color="0.4", linewidth=1, linestyle="--")
+        m = (margins or {}).get(metric)
+        if m is not None and np.isfinite(m):
+            for x in (-m, m):
+                ax.axvline(x, color="C2", linewidth=1, linestyle=":")
         ax.set_yticks(y, [name for name, *_ in items])
         ax.set_title(metric, fontsize=9)
         ax.grid(alpha=0.3, axis="x")
