@@ -77,3 +77,12 @@ def test_rare_share_is_split_into_seen_rare_and_unseen_tokens():
     assert out["rare/share_rare_seen"] == pytest.approx(0.046)
     assert out["rare/share_rare"] == 0.247  # kept, for continuity
     assert "rare/share_rare_seen" not in M.summarize_eval({"rare_share": 0.1})  # no bucket shares
+
+
+def test_icc_is_recovered_from_the_uniform_group_share():
+    from tokentrust.stability import _icc_from_uniform_share
+
+    for p, rho in ((0.3, 0.2), (0.5, 0.6), (0.1, 0.05)):
+        assert _icc_from_uniform_share(p, M.uniform_group_probability(p, rho, G), G) == pytest.approx(rho, abs=1e-6)
+    assert _icc_from_uniform_share(0.5, 0.0, G) == 0.0  # fewer uniform groups than independence gives
+    assert _icc_from_uniform_share(0.5, 1.0, G) == 1.0
