@@ -218,9 +218,12 @@ def encode_pair(tokenizer, prompt: str, completion: str, prompt_suffix: str = TI
 
 def sft_warm_start(model, tokenizer, pairs: list[tuple[str, str]], *, steps: int = 900, batch_size: int = 32,
                    lr: float = 3e-3, seed: int = 0, weight_decay: float = 0.01, warmup_frac: float = 0.05,
-                   prompt_suffix: str = TINY_PROMPT_SUFFIX, log_every: int = 0) -> dict:
+                   prompt_suffix: str = TINY_PROMPT_SUFFIX, log_every: int = 0, packed: bool = True) -> dict:
     """Supervised warm start: causal-LM loss on completion tokens only (prompt masked), AdamW with
-    linear warmup and cosine decay to 10% of ``lr``. Returns ``{"losses": [...], "seconds": s}``."""
+    linear warmup and cosine decay to 10% of ``lr``. Returns ``{"losses": [...], "seconds": s}``.
+
+    ``packed`` (default, for models ``tokentrust.packed`` supports) computes the same loss without
+    padding; ``packed=False`` is the plain padded forward (equal up to float rounding)."""
     if not pairs:
         raise ValueError("sft_warm_start needs at least one (prompt, completion) pair")
     encoded = [encode_pair(tokenizer, p, c, prompt_suffix) for p, c in pairs]
@@ -236,11 +239,26 @@ def sft_warm_start(model, tokenizer, pairs: list[tuple[str, str]], *, steps: int
         progress = (step - warmup) / max(1, steps - warmup)
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
+    from tokentrust.packed import unsupported_reason
+
+    packed = packed and unsupported_reason(model) is None
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     model.train()
     losses, t0 = [], time.time()
     for step in range(steps):
         idx = torch.randint(len(encoded), (batch_size,), generator=g).tolist()
+        if packed:
+            loss = _packed_sft_loss(model, [encoded[i] for i in idx], pad, device)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            if log_every and (step % log_every == 0 or step == steps - 1):
+                print(f"sft step {step:5d} loss {losses[-1]:.4f} lr {lr_at(step):.2e} {time.time() - t0:.1f}s", flush=True)
+            continue
         width = max(len(encoded[i][0]) + len(encoded[i][1]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         labels = torch.full((len(idx), width), -100, dtype=torch.long)
@@ -267,6 +285,24 @@ def sft_warm_start(model, tokenizer, pairs: list[tuple[str, str]], *, steps: int
             print(f"sft step {step:5d} loss {losses[-1]:.4f} lr {lr_at(step):.2e} {time.time() - t0:.1f}s", flush=True)
     model.eval()
     return {"losses": losses, "seconds": time.time() - t0}
+
+
+def _packed_sft_loss(model, pairs: list[tuple[list[int], list[int]]], pad: int, device) -> torch.Tensor:
+    """Mean NLL of the completion tokens (prompts left-padded, completions right-padded, as a
+    rollout batch holds them) through the packed forward."""
+    from tokentrust.packed import packed_response_logprobs
+    from tokentrust.rollout.hf import left_pad
+
+    prompt_ids, prompt_mask = left_pad([p for p, _ in pairs], pad)
+    width = max(len(c) for _, c in pairs)
+    comp = torch.full((len(pairs), width), pad, dtype=torch.long)
+    comp_mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for row, (_, c) in enumerate(pairs):
+        comp[row, :len(c)] = torch.tensor(c)
+        comp_mask[row, :len(c)] = 1
+    logp, _ = packed_response_logprobs(model, prompt_ids.to(device), prompt_mask.to(device), comp.to(device),
+                                       comp_mask.to(device))
+    return -(logp.sum() / comp_mask.sum())
 
 
 def _fingerprint(items) -> str:
