@@ -21,7 +21,16 @@ def _llama(kv_heads: int = 2):
                       pad_token_id=0, bos_token_id=None, eos_token_id=1)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg)
+    return _sharpen(LlamaForCausalLM(cfg))
+
+
+def _sharpen(model):
+    """Larger random weights than HF's init (std 0.02), so outputs depend on the context."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.3)
+    return model
 
 
 def _qwen2():
@@ -32,7 +41,7 @@ def _qwen2():
                       pad_token_id=0, bos_token_id=None, eos_token_id=1)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(1)
-    model = Qwen2ForCausalLM(cfg)
+    model = _sharpen(Qwen2ForCausalLM(cfg))
     with torch.no_grad():  # Qwen2's q/k/v biases start at zero; make them matter
         for layer in model.model.layers:
             for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
@@ -83,8 +92,8 @@ def test_packed_forward_matches_padded_forward_values_and_gradients(make, one_th
     torch.testing.assert_close(logp[mask], ref_logp[mask], rtol=1e-5, atol=1e-5)
     assert (logp[~mask] == 0).all()
     assert set(grads) == set(ref_grads)
-    for name, g in ref_grads.items():
-        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    for name, g in ref_grads.items():  # float32 rounding, relative to the gradient's scale (measured <= 5e-6)
+        assert (grads[name] - g).abs().max() <= 1e-4 * g.abs().max(), name
 
 
 def test_packed_topk_logprobs_match_padded(one_thread):
@@ -109,8 +118,10 @@ def test_layout_shares_prompts_and_drops_padding():
     assert lay.tokens.tolist() == [5, 6, 7, 8]
     assert lay.positions.tolist() == [0, 1, 2, 3]
     assert lay.prompt_of_row.tolist() == [0, 0]
-    # 7 is predicted by the prompt's last token (packed 1), 8 by 7 (2), 9 by 8 (3); row 2's 4 by the prompt
-    assert lay.predict_from.tolist() == [1, 2, 3, 1]
+    assert lay.last_prompt.tolist() == [1]  # packed index of the prompt's last token, 6
+    # rows [prompt's last token | response inputs 7, 8]: 7 is predicted by row 0, 8 by row 1 (7), 9 by
+    # row 2 (8); row 2's 4 by the prompt's last token
+    assert lay.predict_from.tolist() == [0, 1, 2, 0]
 
 
 def test_unsupported_models_are_named():
@@ -125,3 +136,36 @@ def test_unsupported_models_are_named():
 def test_packed_rejects_right_padded_prompts():
     with pytest.raises(ValueError, match="left-padded"):
         build_layout(torch.tensor([[3, 0]]), torch.tensor([[1, 0]]), torch.tensor([[4]]), torch.tensor([[1]]))
+
+
+class _Tok:
+    """The least of a tokenizer HFRollout needs: ids are given, texts are not looked at."""
+
+    pad_token_id, eos_token_id = 0, 1
+
+    def batch_decode(self, rows, **_):
+        return [" ".join(map(str, r)) for r in rows]
+
+
+@pytest.mark.parametrize("make", [_llama, _qwen2], ids=["llama-gqa", "qwen2-bias"])
+@pytest.mark.parametrize("greedy", [False, True], ids=["sampled", "greedy"])
+def test_packed_decoder_samples_what_the_hf_cache_samples(make, greedy, one_thread):
+    """Same tokens, and mu / top-K / entropy to float rounding, with duplicated prompts of different
+    lengths and rows finishing early (a third of the vocabulary stops a row, so compaction runs)."""
+    from tokentrust.rollout.hf import HFRollout
+
+    model = make().eval()
+    batch = _batch(seed=5, groups=4, group_size=4)
+    out = {}
+    for packed in (False, True):
+        r = HFRollout(model, _Tok(), max_new_tokens=12, temperature=0.8, top_p=0.95, record_topk=3,
+                      record_entropy=True, packed=packed, stop_token_ids=list(range(1, V, 3)))
+        out[packed] = r.generate_ids(batch.prompt_ids, batch.prompt_mask, greedy=greedy,
+                                     generator=torch.Generator().manual_seed(7))
+    a, b = out[False], out[True]
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
+    lengths = a.response_mask.sum(-1)
+    assert (lengths < 12).any() and len(set(lengths.tolist())) > 2  # rows stopped at different steps
+    for f in ("behavior_logp", "behavior_entropy", "behavior_topk_logp"):
+        torch.testing.assert_close(getattr(b, f), getattr(a, f), rtol=1e-5, atol=1e-5, msg=f)
+    assert torch.equal(a.behavior_topk_ids, b.behavior_topk_ids)

@@ -60,17 +60,22 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
 
 @dataclass
 class Layout:
-    """Where each real token sits in the packed [S] sequence and in the two padded attention views."""
+    """Where each real token sits in the packed [S] sequence (distinct prompts' tokens, then response
+    inputs) and in the padded views attention uses. Padding slots point at row 0: their queries'
+    outputs are never read back and their keys are masked, so their values do not matter."""
 
-    tokens: torch.Tensor  # [S] input ids: distinct prompts' real tokens, then response inputs
+    tokens: torch.Tensor  # [S] input ids
     positions: torch.Tensor  # [S] rotary positions
-    prompt_gather: torch.Tensor  # [U, Pm] packed index per (prompt, column), S (a zero row) on padding
-    resp_gather: torch.Tensor  # [N, Rm] packed index per (row, response input column), S on padding
+    num_prompt_tokens: int  # Sp: tokens[:Sp] are the distinct prompts', tokens[Sp:] the response inputs
+    prompt_gather: torch.Tensor  # [U, Pm] index into tokens[:Sp] per (prompt, column), left-aligned
+    prompt_valid: torch.Tensor  # [U, Pm] bool
+    last_prompt: torch.Tensor  # [U] packed index of each distinct prompt's last token
+    resp_gather: torch.Tensor  # [N, Rm] index into tokens[Sp:] per (row, response input column)
     prompt_of_row: torch.Tensor  # [N] which distinct prompt row n continues
     resp_mask: torch.Tensor  # [N, 1, Rm, Pm + Rm] bool: keys a response query may attend to
     prompt_back: torch.Tensor  # [Sp] flat index into [U * Pm] of each packed prompt token
     resp_back: torch.Tensor  # [Sr] flat index into [N * Rm] of each packed response token
-    predict_from: torch.Tensor  # [M] packed index whose output predicts each valid response token
+    predict_from: torch.Tensor  # [M] row of [last prompt tokens (U); response inputs (Sr)] predicting each token
     valid: torch.Tensor  # [N, T] bool, the response mask (M = valid.sum())
 
 
@@ -86,48 +91,38 @@ def build_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_i
     if bool((pm[:, :-1] & ~pm[:, 1:]).any()):
         raise ValueError("prompt_mask must be left-padded (zeros, then ones)")
     uniq, prompt_of_row = torch.unique(torch.cat([prompt_ids * pm, pm.long()], 1), dim=0, return_inverse=True)
-    P = prompt_ids.shape[1]
-    u_ids, u_mask = uniq[:, :P], uniq[:, P:].bool()
-    u_len = u_mask.sum(-1)  # [U]
-    U, N = len(uniq), response_ids.shape[0]
+    P, U, N, T = prompt_ids.shape[1], len(uniq), response_ids.shape[0], response_ids.shape[1]
+    u_len = uniq[:, P:].sum(-1)  # [U] real tokens per distinct prompt
     Pm = int(u_len.max())
-    r_len = rm.sum(-1)  # [N]
-    in_len = (r_len - 1).clamp_min(0)  # response tokens fed as inputs (the last one predicts nothing)
-    Rm = max(int(in_len.max()) if N else 0, 1)
+    in_len = (rm.sum(-1) - 1).clamp_min(0)  # response tokens fed as inputs (the last one predicts nothing)
+    Rm = max(int(in_len.max()) if N else 0, 1)  # <= max(T - 1, 1) <= T
 
-    # packed prompt tokens: left-aligned real tokens of each distinct prompt
-    p_cols = torch.arange(Pm, device=device)
+    p_cols, r_cols = torch.arange(Pm, device=device), torch.arange(Rm, device=device)
     p_valid = p_cols[None, :] < u_len[:, None]  # [U, Pm], real tokens moved to the left
-    shift = P - u_len  # the first real column of each distinct prompt
-    src_cols = (shift[:, None] + p_cols[None, :]).clamp_max(P - 1)
-    p_tokens = u_ids.gather(1, src_cols)[p_valid]
-    Sp = int(p_valid.sum())
-    r_cols = torch.arange(Rm, device=device)
+    src_cols = (P - u_len[:, None] + p_cols[None, :]).clamp_max(P - 1)
+    p_tokens = uniq[:, :P].gather(1, src_cols)[p_valid]
     r_valid = r_cols[None, :] < in_len[:, None]  # [N, Rm]
-    r_tokens = response_ids[:, :Rm][r_valid]  # Rm <= max(T - 1, 1) <= T
-    Sr = int(r_valid.sum())
-    S = Sp + Sr
+    r_tokens = response_ids[:, :Rm][r_valid]
+    Sp, Sr = len(p_tokens), len(r_tokens)
 
-    tokens = torch.cat([p_tokens, r_tokens])
-    positions = torch.cat([p_cols.expand(U, Pm)[p_valid],
-                           (u_len[prompt_of_row][:, None] + r_cols[None, :])[r_valid]])
-    prompt_gather = torch.full((U, Pm), S, dtype=torch.long, device=device)
+    prompt_gather = torch.zeros((U, Pm), dtype=torch.long, device=device)
     prompt_gather[p_valid] = torch.arange(Sp, device=device)
-    resp_gather = torch.full((N, Rm), S, dtype=torch.long, device=device)
-    resp_gather[r_valid] = torch.arange(Sp, S, device=device)
-    key_prompt = p_valid[prompt_of_row][:, None, :].expand(N, Rm, Pm)  # [N, Rm, Pm]
+    resp_gather = torch.zeros((N, Rm), dtype=torch.long, device=device)
+    resp_gather[r_valid] = torch.arange(Sr, device=device)
+    key_prompt = p_valid[prompt_of_row][:, None, :].expand(N, Rm, Pm)
     key_resp = torch.ones(Rm, Rm, dtype=torch.bool, device=device).tril()[None].expand(N, Rm, Rm)
-    resp_mask = torch.cat([key_prompt, key_resp], -1)[:, None]
 
-    # the output that predicts response token j of row n: the prompt's last token (j = 0), else input j - 1
-    T = response_ids.shape[1]
-    last_prompt = prompt_gather[prompt_of_row, u_len[prompt_of_row] - 1]  # [N]
-    pred = torch.empty((N, T), dtype=torch.long, device=device)
-    pred[:, 0] = last_prompt
+    # rows of [last prompt tokens (U) | response inputs (Sr)]: token j of row n is predicted by the
+    # prompt's last token (j = 0), else by response input j - 1
+    pred = torch.zeros((N, T), dtype=torch.long, device=device)
+    pred[:, 0] = prompt_of_row
     if T > 1:
-        pred[:, 1:] = torch.nn.functional.pad(resp_gather, (0, max(T - 1 - Rm, 0)))[:, :T - 1]
-    return Layout(tokens=tokens, positions=positions, prompt_gather=prompt_gather, resp_gather=resp_gather,
-                  prompt_of_row=prompt_of_row, resp_mask=resp_mask,
+        pred[:, 1:] = F.pad(U + resp_gather, (0, max(T - 1 - Rm, 0)))[:, :T - 1]
+    return Layout(tokens=torch.cat([p_tokens, r_tokens]),
+                  positions=torch.cat([p_cols.expand(U, Pm)[p_valid], (u_len[prompt_of_row][:, None] + r_cols)[r_valid]]),
+                  num_prompt_tokens=Sp, prompt_gather=prompt_gather, prompt_valid=p_valid,
+                  last_prompt=prompt_gather[torch.arange(U, device=device), u_len - 1], resp_gather=resp_gather,
+                  prompt_of_row=prompt_of_row, resp_mask=torch.cat([key_prompt, key_resp], -1)[:, None],
                   prompt_back=p_valid.flatten().nonzero().squeeze(1), resp_back=r_valid.flatten().nonzero().squeeze(1),
                   predict_from=pred[rm], valid=rm)
 
@@ -166,11 +161,6 @@ def _linear(x: torch.Tensor, *layers: torch.nn.Linear) -> torch.Tensor:
     return torch.addmm(b, x, w.t())
 
 
-def _padded(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows of x at ``index`` ([..]), with index == len(x) giving a zero row."""
-    return torch.cat([x, x.new_zeros((1,) + x.shape[1:])])[index]
-
-
 def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
     """[B, Hkv, L, d] -> [B, Hkv * n, L, d] (each key/value head shared by n query heads)."""
     if n == 1:
@@ -179,40 +169,65 @@ def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n, length, d).reshape(b, h * n, length, d)
 
 
+@dataclass
+class _Heads:
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of [S, heads, d] (HF's q * cos + rotate_half(q) * sin)."""
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
 def _attention(attn: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lay: Layout,
-               heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
-    """Self-attention of the packed tokens: causal within prompts, responses over prompt + own prefix."""
-    qkv = _linear(h, attn.q_proj, attn.k_proj, attn.v_proj)
-    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
-    q, k, v = q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim), v.view(-1, kv_heads, head_dim)
-    c, s = cos[:, None], sin[:, None]
-    q = q * c + _rotate_half(q) * s
-    k = k * c + _rotate_half(k) * s
-    rep = heads // kv_heads
-    # prompts: [U, H, Pm, d], left-aligned, so plain causal attention never sees padding from a real query
-    qp, kp, vp = (_padded(t, lay.prompt_gather).transpose(1, 2) for t in (q, k, v))
-    out_p = F.scaled_dot_product_attention(qp, _repeat_kv(kp, rep), _repeat_kv(vp, rep), is_causal=True)
-    # responses: [N, H, Rm, d] over [prompt keys (Pm) | own response keys (Rm)]
-    qr, kr, vr = (_padded(t, lay.resp_gather).transpose(1, 2) for t in (q, k, v))
-    kr = torch.cat([kp[lay.prompt_of_row], kr], 2)
-    vr = torch.cat([vp[lay.prompt_of_row], vr], 2)
+               dims: _Heads, last: bool) -> torch.Tensor:
+    """Self-attention of the packed tokens: causal within prompts, responses over prompt + own prefix.
+
+    In the last layer only the outputs that predict a token are needed: every token's keys and values,
+    but queries only for each prompt's last token and the response inputs; the result then has rows
+    [last prompt tokens (U) | response inputs (Sr)] instead of [S]."""
+    H, Hkv, d, Sp = dims.heads, dims.kv_heads, dims.head_dim, lay.num_prompt_tokens
+    k, v = _linear(h, attn.k_proj, attn.v_proj).split(Hkv * d, -1)
+    k, v = _rope(k.view(-1, Hkv, d), cos, sin), v.view(-1, Hkv, d)
+    rows = torch.cat([lay.last_prompt, torch.arange(Sp, len(h), device=h.device)]) if last else None
+    q = _linear(h if rows is None else h[rows], attn.q_proj).view(-1, H, d)
+    q = _rope(q, cos if rows is None else cos[rows], sin if rows is None else sin[rows])
+    n_prompt_q = Sp if rows is None else len(lay.last_prompt)
+    rep = H // Hkv
+    kp, vp = (t[:Sp][lay.prompt_gather].transpose(1, 2) for t in (k, v))  # [U, Hkv, Pm, d]
+    if last:  # each prompt's last token attends to all of its prompt
+        qp = q[:n_prompt_q, None].transpose(1, 2)  # [U, H, 1, d]
+        out_p = F.scaled_dot_product_attention(qp, _repeat_kv(kp, rep), _repeat_kv(vp, rep),
+                                               attn_mask=lay.prompt_valid[:, None, None, :])
+        out_p = out_p.reshape(-1, H * d)
+    else:  # left-aligned prompts: plain causal attention never shows a real query a padding key
+        qp = q[:Sp][lay.prompt_gather].transpose(1, 2)
+        out_p = F.scaled_dot_product_attention(qp, _repeat_kv(kp, rep), _repeat_kv(vp, rep), is_causal=True)
+        out_p = out_p.transpose(1, 2).reshape(-1, H * d)[lay.prompt_back]
+    qr = q[n_prompt_q:][lay.resp_gather].transpose(1, 2)  # [N, H, Rm, d]
+    kr = torch.cat([kp[lay.prompt_of_row], k[Sp:][lay.resp_gather].transpose(1, 2)], 2)
+    vr = torch.cat([vp[lay.prompt_of_row], v[Sp:][lay.resp_gather].transpose(1, 2)], 2)
     out_r = F.scaled_dot_product_attention(qr, _repeat_kv(kr, rep), _repeat_kv(vr, rep), attn_mask=lay.resp_mask)
-    width = heads * head_dim
-    out = torch.cat([out_p.transpose(1, 2).reshape(-1, width)[lay.prompt_back],
-                     out_r.transpose(1, 2).reshape(-1, width)[lay.resp_back]])
+    out = torch.cat([out_p, out_r.transpose(1, 2).reshape(-1, H * d)[lay.resp_back]])
     return _linear(out, attn.o_proj)
 
 
 def packed_hidden(model: torch.nn.Module, lay: Layout) -> torch.Tensor:
     """Final-norm hidden states [M, D] at the positions that predict the valid response tokens."""
     cfg, body = model.config, model.model
-    heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    heads = cfg.num_attention_heads
+    dims = _Heads(heads, getattr(cfg, "num_key_value_heads", None) or heads,
+                  getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     x = body.embed_tokens(lay.tokens)
     cos, sin = _rotary(model, lay.positions, x.dtype)
-    for layer in body.layers:
-        x = x + _attention(layer.self_attn, _rms_norm(x, layer.input_layernorm), cos, sin, lay, heads, kv_heads,
-                           head_dim)
+    last = len(body.layers) - 1
+    for i, layer in enumerate(body.layers):
+        a = _attention(layer.self_attn, _rms_norm(x, layer.input_layernorm), cos, sin, lay, dims, last=i == last)
+        if i == last:  # keep only the rows that predict: [last prompt tokens | response inputs]
+            x = torch.cat([x[lay.last_prompt], x[lay.num_prompt_tokens:]])
+        x = x + a
         mlp = layer.mlp
         gate, up = _linear(_rms_norm(x, layer.post_attention_layernorm), mlp.gate_proj, mlp.up_proj).chunk(2, -1)
         x = x + _linear(F.silu(gate) * up, mlp.down_proj)

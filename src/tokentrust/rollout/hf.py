@@ -19,7 +19,9 @@ import inspect
 
 import torch
 
+from tokentrust.packed import unsupported_reason
 from tokentrust.rollout.base import RolloutBatch
+from tokentrust.rollout.packed_decode import PackedDecoder
 
 
 def processed_logprobs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
@@ -157,13 +159,39 @@ def _reorderable(cache) -> bool:
     return type(cache).__name__ == "DynamicCache" and hasattr(cache, "reorder_cache")
 
 
+class _HFDecoder:
+    """The model's own KV cache (``DynamicCache``, re-indexed to drop finished rows when it can be)."""
+
+    def __init__(self, rollout: HFRollout, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int):
+        n, self.prompt_width = prompt_ids.shape
+        self.model = rollout.model
+        self.use_mask = not bool(prompt_mask.all())  # no padding: let the model use its plain causal path
+        self.attn = torch.cat([prompt_mask, prompt_mask.new_ones((n, max_new_tokens))], dim=1)
+        self.extra = {rollout._logits_kwarg: 1} if rollout._logits_kwarg else {}
+        self.cache, self.logits = rollout._prefill(prompt_ids, prompt_mask, self.use_mask, self.extra)
+        self.can_compact = _reorderable(self.cache)
+        self.next_pos = prompt_mask.sum(-1, keepdim=True)  # position id of the next token, [n, 1]
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.cache.reorder_cache(index)
+        self.attn, self.next_pos = self.attn[index], self.next_pos[index]
+
+    def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        out = self.model(input_ids=tokens.unsqueeze(1),
+                         attention_mask=self.attn[:, :self.prompt_width + t + 1] if self.use_mask else None,
+                         position_ids=self.next_pos, past_key_values=self.cache, use_cache=True, **self.extra)
+        self.cache = out.past_key_values
+        self.next_pos = self.next_pos + 1
+        return out.logits[:, -1, :]
+
+
 class HFRollout:
     """Batched sampling from a HF causal LM that records mu (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, record_topk: int = 0, record_entropy: bool = False,
                  add_special_tokens: bool = True, stop_token_ids: list[int] | None = None,
-                 compact: bool = True, dedup_prompts: bool = True):
+                 compact: bool = True, dedup_prompts: bool = True, packed: bool = True):
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or record_topk < 0:
@@ -174,6 +202,7 @@ class HFRollout:
         self.record_topk, self.record_entropy = int(record_topk), bool(record_entropy)
         self.add_special_tokens = add_special_tokens
         self.compact, self.dedup_prompts = compact, dedup_prompts
+        self.packed = packed  # PackedDecoder for the models tokentrust.packed supports
         self.eos_ids = list(stop_token_ids) if stop_token_ids else eos_token_ids(model, tokenizer)
         self.pad_id = pad_token_id(tokenizer)
         self._logits_kwarg = _logits_kwarg(model)
@@ -207,6 +236,13 @@ class HFRollout:
             # -sum p log p; the clamp turns 0 * -inf (filtered tokens) into 0 without touching p > 0
             ent = -(logp_all.exp() * logp_all.clamp_min(-1e4)).sum(-1)
         return tok, lp, topk_ids, topk_lp, ent
+
+    def _decoder(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int):
+        """The KV-cached forward: ``PackedDecoder`` (preallocated cache, distinct prompts prefilled once
+        without padding) for the models ``tokentrust.packed`` supports, else the model's own cache."""
+        if self.packed and unsupported_reason(self.model) is None:
+            return PackedDecoder(self.model, prompt_ids, prompt_mask, max_new_tokens)
+        return _HFDecoder(self, prompt_ids, prompt_mask, max_new_tokens)
 
     def _prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, use_mask: bool, extra: dict):
         """Run the prompts once; GRPO repeats each prompt G times, so identical rows are computed once
@@ -249,15 +285,11 @@ class HFRollout:
         entropy = torch.zeros((N, T), dtype=torch.float32, device=device) if self.record_entropy else None
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
 
-        use_mask = not bool(prompt_mask.all())  # no padding: let the model use its plain causal path
-        attn = torch.cat([prompt_mask, prompt_mask.new_ones((N, T))], dim=1)
-        extra = {self._logits_kwarg: 1} if self._logits_kwarg else {}
         was_training = model.training
         model.eval()
         try:
-            cache, logits = self._prefill(prompt_ids, prompt_mask, use_mask, extra)
-            can_compact = self.compact and _reorderable(cache)
-            next_pos = prompt_mask.sum(-1, keepdim=True)  # position id of the next token, [n, 1]
+            steps = self._decoder(prompt_ids, prompt_mask, T)
+            logits, can_compact = steps.logits, self.compact and steps.can_compact
             rows = torch.arange(N, device=device)  # original row of each row still in the batch
             alive = torch.ones(N, dtype=torch.bool, device=device)
             for t in range(T):
@@ -276,12 +308,9 @@ class HFRollout:
                     break
                 if can_compact and (len(alive) - n_alive) * 8 >= len(alive):
                     keep = alive.nonzero().squeeze(1)
-                    cache.reorder_cache(keep)
-                    rows, attn, next_pos, tok, alive = rows[keep], attn[keep], next_pos[keep], tok[keep], alive[keep]
-                out = model(input_ids=tok.unsqueeze(1), attention_mask=attn[:, :P + t + 1] if use_mask else None,
-                            position_ids=next_pos, past_key_values=cache, use_cache=True, **extra)
-                cache, logits = out.past_key_values, out.logits[:, -1, :]
-                next_pos = next_pos + 1
+                    steps.keep(keep)
+                    rows, tok, alive = rows[keep], tok[keep], alive[keep]
+                logits = steps.step(tok, t)
         finally:
             model.train(was_training)
 
