@@ -400,3 +400,24 @@ def test_summarize_run(tmp_path):
     s2 = M.summarize_run(tmp_path / "run2")
     assert s2["train/done"] == 0.0 and "eval/greedy_pass@1" not in s2
     assert math.isnan(s2["stability/reward_noise_norm"])  # no config.json: m unknown
+
+
+def test_sequence_nll_of_a_llama_takes_the_packed_path_and_agrees():
+    """A Llama runs through tokentrust.packed (no padding, shared prompts); its NLL equals the
+    per-token NLL of plain unpadded forwards, one sequence at a time."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=None,
+                      eos_token_id=1)
+    model = LlamaForCausalLM(cfg)
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [3, 4, 5, 6, 7], [10, 11, 12]]  # a prompt repeated, as in GRPO groups
+    responses = [[1, 2], [5, 6, 7, 8], [9, 2, 2], [9]]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for p, r in zip(prompts, responses, strict=True):
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p + r])).logits[0].double(), -1)
+            total -= sum(float(logp[len(p) + j - 1, t]) for j, t in enumerate(r))
+            count += len(r)
+    assert M.sequence_nll(model, prompts, responses) == pytest.approx(total / count, rel=1e-5)

@@ -199,7 +199,20 @@ def sequence_nll(
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0.0
+    from tokentrust.packed import packed_response_logprobs, unsupported_reason
+
     try:
+        if unsupported_reason(model) is None and bool((response_mask[:, 1:] <= response_mask[:, :-1]).all()):
+            # the packed forward (no padding, each distinct prompt once): the same NLL up to rounding
+            with torch.no_grad():
+                for s in range(0, prompt_ids.shape[0], 64):
+                    rm = response_mask[s : s + 64].long().to(device)
+                    logp, _ = packed_response_logprobs(model, prompt_ids[s : s + 64].to(device),
+                                                       prompt_mask[s : s + 64].long().to(device),
+                                                       response_ids[s : s + 64].to(device), rm)
+                    total -= float(logp.sum())
+                    count += float(rm.sum())
+            return total / count if count else float("nan")
         for s in range(0, prompt_ids.shape[0], batch_size):
             p, pm = prompt_ids[s : s + batch_size], prompt_mask[s : s + batch_size].long()
             r, rm = response_ids[s : s + batch_size], response_mask[s : s + batch_size].float()
