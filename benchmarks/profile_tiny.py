@@ -5,10 +5,12 @@ checkpoints and the end-of-run evaluation.
     python benchmarks/profile_tiny.py                          # tiny-arith-async (the study preset), 6 steps
     python benchmarks/profile_tiny.py --steps 4 --set rollout.max_new_tokens=32
     python benchmarks/profile_tiny.py --threads 2
+    python benchmarks/profile_tiny.py --set optim.packed_forward=false --set rollout.packed_decode=false  # old paths
 
-Wraps the loop's functions with wall-clock timers (no change to the code it measures) and prints a
-markdown table: seconds per step (mean over the measured steps, after one warm-up step), share of
-the step, and calls per step. Sampling runs inline here (``rollout.overlap=false``) so that each
+Wraps the loop's functions with CPU-time timers (``time.process_time``: unlike wall time it hardly
+depends on other load on the machine; no change to the code it measures) and prints a markdown
+table: CPU seconds per step (mean over the measured steps, after one warm-up step), share of the
+step, and calls per step. Sampling runs inline here (``rollout.overlap=false``) so that each
 phase is attributed once; with overlap the generation hides behind the update instead. Scripts,
 not assertions: numbers depend on the machine (the table names it).
 """
@@ -32,7 +34,8 @@ from tokentrust.machine import machine_summary
 
 TOTALS: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
-_STACK: list[list[float]] = []  # per open timed call: [time spent in timed calls nested inside it]
+_STACK: list[list[float]] = []
+CLOCK = time.process_time  # CPU seconds of this process: hardly moved by other load on the machine  # per open timed call: [time spent in timed calls nested inside it]
 
 
 def timed(name: str, fn):
@@ -42,11 +45,11 @@ def timed(name: str, fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _STACK.append([0.0])
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         try:
             return fn(*args, **kwargs)
         finally:
-            elapsed = time.perf_counter() - t0
+            elapsed = CLOCK() - t0
             nested = _STACK.pop()[0]
             TOTALS[name] += elapsed - nested
             CALLS[name] += 1
@@ -98,18 +101,18 @@ def profile(preset: str, steps: int, overrides: dict, evaluate: bool) -> tuple[d
             trainer.train_step()  # warm-up: lazy imports, first allocations
             TOTALS.clear()
             CALLS.clear()
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             for _ in range(steps):
                 trainer.train_step()
-            step_s = (time.perf_counter() - t0) / steps
+            step_s = (CLOCK() - t0) / steps
             per_step = {k: v / steps for k, v in TOTALS.items()}
             calls = {k: v / steps for k, v in CALLS.items()}
             eval_s = 0.0
             if evaluate:
                 TOTALS.clear()
-                t0 = time.perf_counter()
+                t0 = CLOCK()
                 trainer.finish()
-                eval_s = time.perf_counter() - t0
+                eval_s = CLOCK() - t0
         trainer.close()
     return per_step, calls, step_s, eval_s
 
@@ -126,7 +129,7 @@ def main() -> None:
     per_step, calls, step_s, eval_s = profile(args.preset, args.steps, parse_set(args.overrides), not args.no_eval)
     print(f"\n{args.preset}, {args.threads} thread(s), mean of {args.steps} steps after a warm-up step; "
           f"{machine_summary()}\n")
-    print("| phase (exclusive time) | s / step | share of step | calls / step |")
+    print("| phase (exclusive CPU time) | CPU s / step | share of step | calls / step |")
     print("|---|---:|---:|---:|")
     accounted = 0.0
     for name, secs in sorted(per_step.items(), key=lambda kv: -kv[1]):
@@ -136,7 +139,7 @@ def main() -> None:
           f"{100 * (step_s - accounted) / step_s:.1f}% | |")
     print(f"| **step** | **{step_s:.3f}** | 100% | |")
     if eval_s:
-        print(f"\nend-of-run evaluation: {eval_s:.1f} s (once per run)")
+        print(f"\nend-of-run evaluation: {eval_s:.1f} CPU s (once per run)")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def _run(*args, cwd=None):
 
 @pytest.mark.parametrize("args, needle", [
     (["train", "--set", "algo.delta=-1"], "algo.delta must be > 0"),
-    (["train", "--set", "algo.loss=trpo"], "available: cppo, decoupled-ppo, dppo-kl"),
+    (["train", "--set", "algo.loss=trpo"], "available: bandpo, cppo, dcpo, decoupled-ppo, dppo-kl"),
     (["train", "--set", "algo.thresholds.s_min=5"], "algo.thresholds.s_min"),
     (["train", "--set", "rollout.group_size=1"], "rollout.group_size"),
     (["train", "--set", "algo.nope=1"], "unknown config key 'algo.nope'"),

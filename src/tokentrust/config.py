@@ -89,6 +89,9 @@ class RolloutConfig(_Section):
     staleness: int = Field(0, ge=0)  # k: the update at step t uses a batch sampled by the weights of step t - k
     overlap: bool = False  # sample the next batch in a background thread during the update (needs staleness >= 1)
     dtype: Literal["same", "float32", "bfloat16", "float16"] = "same"  # the rollout copy's dtype (hf only)
+    # hf backend: tokentrust.rollout.packed_decode for Llama/Qwen2 (preallocated KV cache, prompts prefilled once);
+    # false = the model's own cache. The same tokens up to float rounding.
+    packed_decode: bool = True
 
 
 class ThresholdConfig(_Section):

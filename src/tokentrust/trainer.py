@@ -122,6 +122,8 @@ class Trainer:
                                  dtype=r.dtype if r.backend == "hf" else "same")
         kwargs: dict[str, Any] = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                       record_topk=r.topk if self.learner.needs_topk else 0, record_entropy=True)
+        if r.backend == "hf":
+            kwargs["packed"] = r.packed_decode
         if r.backend == "vllm":
             kwargs.update(workdir=str(self.out / "vllm_weights"), gpu_memory_utilization=r.vllm_gpu_memory_utilization)
         self.rollout = make_rollout(r.backend, weights.model, self.tokenizer, **kwargs)
