@@ -396,6 +396,10 @@ def run_grid(spec: dict[str, Any], grid_dir: str | Path, *, workers: int | None 
     print(f"grid {spec.get('name')}{'' if part is None else f' part {part}'}: {len(todo)} runs, "
           f"{len(todo) - len(pending)} already done, "
           f"{len(pending)} to run with {workers} worker(s) x {threads} thread(s)", flush=True)
+    if runs and runs[0][2].task.eval_limit > 0 and not (grid_dir / "warm_start" / "DONE").exists():
+        # first, with every core: it builds the warm start (SFT) once, before the workers would race to
+        print("warm start: building and evaluating the model every run starts from", flush=True)
+        evaluate_warm_start(runs[0][2], grid_dir, threads=os.cpu_count() or 1)
     failures = []
     started: dict[int, float] = {}  # index in pending -> start time (set by the worker thread)
 
@@ -427,8 +431,6 @@ def run_grid(spec: dict[str, Any], grid_dir: str | Path, *, workers: int | None 
                     bar.note(f"FAILED: {e}")
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed; rerun the same command to retry them. First: {failures[0]}")
-    if runs and runs[0][2].task.eval_limit > 0:
-        evaluate_warm_start(runs[0][2], grid_dir, threads=os.cpu_count() or 1)
     if build_report:
         from tokentrust.report import build_report as _build
 
