@@ -104,11 +104,12 @@ _DOSE = [_dose(f"av-beta{b:g}", 0.15, float(b)) for b in (-1, 0, 1, 2)] + \
 
 GRID_PRESETS: dict[str, dict[str, Any]] = {
     # README main job: the stress regime (stale rollouts, 16 updates per batch) where the trust regions
-    # act; the no-region control next to PPO, DPPO and AV-DPPO. ~7 minutes on 2 cores (plus ~1 minute
-    # to build the warm start once).
+    # act; the no-region control next to PPO, DPPO and AV-DPPO. 20 steps: the no-region control has
+    # fallen from ~0.65 to ~0.25 reward by step 12-15, so the methods separate; 8 runs of ~60 CPU s
+    # each plus the warm start (built once) fit `make run` in 10 minutes on 2 cores, install included.
     "demo": {"preset": "tiny-arith-async", "methods": ["pg-is", "ppo", "dppo-tv", "av-freq-norm"], "seeds": [0, 1],
              "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
-             "overrides": {"max_steps": 30, "task": {"eval_limit": 64, "eval_samples": 2}}},
+             "overrides": {"max_steps": 20, "task": {"eval_limit": 64, "eval_samples": 2}}},
     # Every baseline, the AV-DPPO schedules, the inverse control, 3 seeds: ~40 min on 2 cores. The
     # synchronous regime, where the regions hardly act (kept fraction > 99.5%).
     "cpu-study": {"preset": "tiny-arith",
