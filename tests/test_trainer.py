@@ -178,3 +178,14 @@ def test_trust_region_diagnostics_are_token_weighted_with_true_maxima(tmp_path, 
     assert float(ratio.max()) > 1.0 + 1e-3, "the policy must move within the step for the test to bite"
     for k, v in expected.items():
         assert rec[f"trust_region/{k}"] == pytest.approx(float(v), rel=1e-5, abs=1e-7), k
+
+
+def test_minibatch_split_makes_the_configured_number_of_minibatches():
+    """n = 9 sequences in 4 minibatches gave 3 (chunks of ceil(9 / 4) = 3); now 4 of sizes 2-3."""
+    from tokentrust.learner import _split
+
+    parts = _split(list(range(9)), 4)
+    assert len(parts) == 4 and sorted(len(p) for p in parts) == [2, 2, 2, 3]
+    assert sum(parts, []) == list(range(9))
+    assert _split(list(range(128)), 4) == [list(range(i, i + 32)) for i in range(0, 128, 32)]  # divisible: unchanged
+    assert _split([0, 1], 4) == [[0], [1]]

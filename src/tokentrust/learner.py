@@ -305,5 +305,8 @@ class _StepStats:
 
 
 def _split(items: list[int], parts: int) -> list[list[int]]:
-    size = math.ceil(len(items) / parts)
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    """``parts`` consecutive minibatches whose sizes differ by at most one (fewer only when there are
+    fewer items than parts). Equal to fixed-size chunks when ``parts`` divides ``len(items)``."""
+    n, parts = len(items), max(1, min(parts, len(items)))
+    bounds = [i * n // parts for i in range(parts + 1)]
+    return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
