@@ -41,8 +41,8 @@ def test_run_grid_runs_only_the_part(tmp_path, monkeypatch):
     spec = {"name": "g", "preset": "tiny-arith", "seeds": [0, 1], "methods": ["ppo", "dppo-tv", "pg-is"],
             "parts": {"a": ["ppo", "pg-is"], "b": ["dppo-tv"]}}
     compare.run_grid(spec, tmp_path, part="a", build_report=False, quiet=True)
-    assert ran[-1].endswith("warm_start")  # the reference evaluation, after the runs
-    assert sorted(p.split("/runs/")[1] for p in ran[:-1]) == ["pg-is/seed_0", "pg-is/seed_1", "ppo/seed_0", "ppo/seed_1"]
+    assert ran[0].endswith("warm_start")  # the reference evaluation, first: it builds the warm start once
+    assert sorted(p.split("/runs/")[1] for p in ran[1:]) == ["pg-is/seed_0", "pg-is/seed_1", "ppo/seed_0", "ppo/seed_1"]
     grid = json.loads((tmp_path / "grid.json").read_text())
     assert set(grid["methods"]) == {"ppo", "dppo-tv", "pg-is"} and grid["parts"]["b"] == ["dppo-tv"]
 
@@ -53,7 +53,7 @@ def test_a_part_may_select_seeds(tmp_path, monkeypatch):
     spec = {"name": "g", "preset": "tiny-arith", "seeds": [0, 1, 2], "methods": ["ppo", {"name": "pg-is", "seeds": [1]}],
             "parts": {"a": {"seeds": [0, 1]}, "b": {"methods": ["ppo"], "seeds": [2]}}}
     compare.run_grid(spec, tmp_path, part="a", build_report=False, quiet=True)
-    assert sorted(p.split("/runs/")[1] for p in ran[:-1]) == ["pg-is/seed_1", "ppo/seed_0", "ppo/seed_1"]
+    assert sorted(p.split("/runs/")[1] for p in ran[1:]) == ["pg-is/seed_1", "ppo/seed_0", "ppo/seed_1"]
     assert compare.part_runs(spec, "b") == {("ppo", 2)}
 
 
@@ -217,7 +217,7 @@ def test_grid_evaluates_the_warm_start_once_as_its_reference(tmp_path, monkeypat
             "overrides": {"task": {"eval_limit": 7}}}
     compare.run_grid(spec, tmp_path, build_report=False, quiet=True)
     compare.run_grid(spec, tmp_path, build_report=False, quiet=True)  # both DONE: nothing runs again
-    assert ran == [(str(tmp_path / "runs/ppo/seed_3"), 40, 3, 7), (str(tmp_path / "warm_start"), 0, 3, 7)]
+    assert ran == [(str(tmp_path / "warm_start"), 0, 3, 7), (str(tmp_path / "runs/ppo/seed_3"), 40, 3, 7)]
 
 
 def test_mechanism_section_means_over_steps_then_seeds():
