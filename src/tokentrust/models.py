@@ -247,33 +247,9 @@ def sft_warm_start(model, tokenizer, pairs: list[tuple[str, str]], *, steps: int
     losses, t0 = [], time.time()
     for step in range(steps):
         idx = torch.randint(len(encoded), (batch_size,), generator=g).tolist()
-        if packed:
-            loss = _packed_sft_loss(model, [encoded[i] for i in idx], pad, device)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
-            if log_every and (step % log_every == 0 or step == steps - 1):
-                print(f"sft step {step:5d} loss {losses[-1]:.4f} lr {lr_at(step):.2e} {time.time() - t0:.1f}s", flush=True)
-            continue
-        width = max(len(encoded[i][0]) + len(encoded[i][1]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        labels = torch.full((len(idx), width), -100, dtype=torch.long)
-        for row, i in enumerate(idx):
-            p, c = encoded[i]
-            ids[row, :len(p) + len(c)] = torch.tensor(p + c)
-            labels[row, len(p):len(p) + len(c)] = torch.tensor(c)
-        ids, labels = ids.to(device), labels.to(device)
-        # Right padding under a causal mask never reaches a real token, so no attention mask is
-        # needed; the LM head runs only where there is a label (completion tokens, ~1/3 of them).
-        hidden = decoder(input_ids=ids).last_hidden_state[:, :-1]
-        target = labels[:, 1:]
-        keep = target != -100
-        logits = head(hidden[keep]).float()
-        loss = torch.nn.functional.cross_entropy(logits, target[keep])
+        pairs = [encoded[i] for i in idx]
+        loss = (_packed_sft_loss(model, pairs, pad, device) if packed
+                else _padded_sft_loss(decoder, head, pairs, pad, device))
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -285,6 +261,23 @@ def sft_warm_start(model, tokenizer, pairs: list[tuple[str, str]], *, steps: int
             print(f"sft step {step:5d} loss {losses[-1]:.4f} lr {lr_at(step):.2e} {time.time() - t0:.1f}s", flush=True)
     model.eval()
     return {"losses": losses, "seconds": time.time() - t0}
+
+
+def _padded_sft_loss(decoder, head, pairs: list[tuple[list[int], list[int]]], pad: int, device) -> torch.Tensor:
+    """Mean NLL of the completion tokens through the plain forward on right-padded rows."""
+    width = max(len(p) + len(c) for p, c in pairs)
+    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+    for row, (p, c) in enumerate(pairs):
+        ids[row, :len(p) + len(c)] = torch.tensor(p + c)
+        labels[row, len(p):len(p) + len(c)] = torch.tensor(c)
+    ids, labels = ids.to(device), labels.to(device)
+    # Right padding under a causal mask never reaches a real token, so no attention mask is
+    # needed; the LM head runs only where there is a label (completion tokens, ~1/3 of them).
+    hidden = decoder(input_ids=ids).last_hidden_state[:, :-1]
+    target = labels[:, 1:]
+    keep = target != -100
+    return torch.nn.functional.cross_entropy(head(hidden[keep]).float(), target[keep])
 
 
 def _packed_sft_loss(model, pairs: list[tuple[list[int], list[int]]], pad: int, device) -> torch.Tensor:
