@@ -156,7 +156,7 @@ def run_sweep(spec: dict[str, Any], out: Path, workers: int, table_only: bool,
         warm = eval_row(gdir / "warm_start")
         for m in methods:
             name = m if isinstance(m, str) else m["name"]
-            for seed in seeds:
+            for seed in (seeds if isinstance(m, str) else m.get("seeds", seeds)):
                 d = gdir / "runs" / name / f"seed_{seed}"
                 if (d / "metrics.jsonl").exists():
                     row = {"regime": regime, "method": name, "seed": seed, **run_row(d)}

@@ -62,3 +62,12 @@ def test_a_regime_may_name_its_own_methods_and_seeds(tmp_path, sweep):
     assert [(r["regime"], r["method"], r["seed"]) for r in rows] == [
         ("sync", "ppo", 1000), ("sync", "dppo-tv", 1000), ("stale", "dppo-tv", 1001)]
     assert "| stale |" in sweep.mechanism_table(tmp_path, spec)
+
+
+def test_a_method_may_name_its_own_seeds(tmp_path, sweep):
+    """A method given as {"name", "seeds"} is tabulated on its own seeds (it was on the spec's)."""
+    spec = {"seeds": [1001], "methods": ["dppo-tv", {"name": "ppo", "seeds": [1000]}], "regimes": {"r": {}}}
+    for method, seed in [("dppo-tv", 1001), ("ppo", 1000)]:
+        _run(tmp_path / "r" / "runs" / method / f"seed_{seed}", [0.3] * 12)
+    rows = sweep.run_sweep(spec, tmp_path, workers=1, table_only=True)
+    assert [(r["method"], r["seed"]) for r in rows] == [("dppo-tv", 1001), ("ppo", 1000)]
