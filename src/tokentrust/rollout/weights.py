@@ -18,22 +18,30 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def weight_fingerprint(model: torch.nn.Module, tensors: int = 4, sample: int = 1 << 14) -> str:
-    """A cheap hash of the weights: a few parameter tensors (evenly spaced in definition order), each
-    as a strided sample of at most ``sample`` values plus its float64 sum, so any update that
-    changes those tensors changes the fingerprint. Values are hashed in float32, so an fp32 copy
-    of a model has the fingerprint of its source."""
-    params = [p for _, p in model.named_parameters()]
-    if not params:
+def fingerprint_names(model: torch.nn.Module) -> list[str]:
+    """The parameters a fingerprint hashes: the trainable ones when there are any (with LoRA the
+    adapters, since the frozen base never changes), else all of them."""
+    named = list(model.named_parameters())
+    return [n for n, p in named if p.requires_grad] or [n for n, _ in named]
+
+
+def weight_fingerprint(model: torch.nn.Module, names: list[str] | None = None, sample: int = 1 << 14) -> str:
+    """A cheap hash of the parameters ``names`` (default ``fingerprint_names(model)``): each tensor's
+    float64 sum plus a strided sample (``sample`` values over all tensors), so an update that changes
+    any of them changes the fingerprint. Values are hashed in float32, so an fp32 copy of a model
+    has the fingerprint of its source when both hash the same names."""
+    params = dict(model.named_parameters())
+    names = fingerprint_names(model) if names is None else names
+    if not names:
         return "no-params"
-    picks = sorted({round(i * (len(params) - 1) / max(tensors - 1, 1)) for i in range(min(tensors, len(params)))})
-    h = hashlib.sha1()
+    per = max(1, sample // len(names))
     with torch.no_grad():
-        for i in picks:
-            flat = params[i].detach().reshape(-1)
-            stride = max(1, flat.numel() // sample)
-            h.update(flat[::stride].float().cpu().numpy().tobytes())
-            h.update(repr(float(flat.sum(dtype=torch.float64))).encode())  # no float64 copy of the tensor
+        flats = [params[n].detach().reshape(-1) for n in names]
+        device = flats[0].device
+        sums = torch.stack([f.sum(dtype=torch.float64).to(device) for f in flats])  # no float64 copies
+        picks = torch.cat([f[::max(1, f.numel() // per)].float().to(device) for f in flats])
+        h = hashlib.sha1(picks.cpu().numpy().tobytes())
+        h.update(sums.cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -42,6 +50,7 @@ class RolloutWeights:
 
     def __init__(self, learner_model: torch.nn.Module, *, own_copy: bool, dtype: str = "same"):
         self.shared = not own_copy and dtype == "same"
+        self.names = fingerprint_names(learner_model)  # the learner's trainable ones (a copy has none)
         if self.shared:
             self.model = learner_model
         else:
@@ -49,7 +58,7 @@ class RolloutWeights:
             if dtype != "same":
                 self.model.to(DTYPES[dtype])
         self.version = 0
-        self.fingerprint = weight_fingerprint(self.model)
+        self.fingerprint = weight_fingerprint(self.model, self.names)
 
     def sync(self, learner_model: torch.nn.Module, version: int) -> None:
         """Copy the learner's weights in (cast to this copy's dtype) and record their version."""
@@ -63,4 +72,4 @@ class RolloutWeights:
                     if name in own_buffers:
                         own_buffers[name].copy_(b)
         self.version = version
-        self.fingerprint = weight_fingerprint(self.model)
+        self.fingerprint = weight_fingerprint(self.model, self.names)
