@@ -128,3 +128,50 @@ def test_decoupled_ppo_is_ppo_on_policy_and_reweights_stale_batches(tmp_path, on
     stale = _run(tmp_path / "stale", "decoupled-ppo", 1)
     assert stale[1]["rollout/staleness"] == 1
     assert abs(stale[1]["trust_region/behave_imp_weight_mean"] - 1.0) > 1e-3
+
+
+def test_anchor_recompute_anchors_the_loss_on_pi_old_and_logs_mu(tmp_path, one_thread):
+    """algo.anchor=recompute: the loss's anchor is pi_old, but |pi - mu| and the mechanism metrics still
+    measure mu, the rollout's log-probs. At step 2 of a staleness-1 run the two differ (mu: initial
+    weights, pi_old: after step 1); with one epoch of one minibatch pi = pi_old during the update."""
+    ppo = get_loss("ppo")
+    anchors = []
+
+    def recording(logp, behavior_logp, advantages, mask, **params):
+        anchors.append(behavior_logp.clone())
+        return ppo(logp, behavior_logp, advantages, mask, **params)
+
+    over = tiny_overrides(tmp_path / "run", max_steps=2, rollout={"group_size": 4, "staleness": 1},
+                          optim={"minibatches": 1, "ppo_epochs": 1, "lr": 1e-2},
+                          algo={"loss": "ppo", "anchor": "recompute"})
+    with synthetic_reward():
+        trainer = Trainer(resolve(overrides=over), quiet=True)
+        trainer.loss_fn = recording
+        try:
+            trainer.train_step()
+            queued = trainer.pipeline.queue[0].batch
+            batch = queued.select(range(len(queued)))
+            pi_old = logprobs_by_micro_batch(trainer.model.eval(), batch, 1.0, 0)
+            anchors.clear()
+            rec = trainer.train_step()
+            tokens = trainer.tokens
+        finally:
+            trainer.close()
+    m = batch.response_mask.bool()
+    mu = batch.behavior_logp
+    assert (pi_old[m] - mu[m]).abs().max() > 1e-3  # stale: the two differ
+    perm = torch.randperm(len(batch), generator=step_generator(0, 2, salt=29))
+    (anchor,) = anchors
+    width = anchor.shape[1]
+    torch.testing.assert_close(anchor[m[perm][:, :width]], pi_old[perm][:, :width][m[perm][:, :width]],
+                               rtol=1e-5, atol=1e-5)  # the ratio is anchored on pi_old
+    expected = (pi_old.exp() - mu.exp()).abs()[m].double().mean().item()  # |pi - mu| with pi = pi_old
+    assert expected > 1e-4
+    assert rec["trust_region/epoch_0/abs_diff_mean"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    plain = m & ~tokens.special[batch.response_ids]
+    buckets = tokens.bucket[batch.response_ids]
+    for i in range(tokens.num_buckets):
+        sel = plain & (buckets == i)
+        if sel.any():
+            assert rec[f"mechanism/mu_mean/bucket_{i}"] == pytest.approx(mu[sel].double().exp().mean().item(),
+                                                                           rel=1e-6)

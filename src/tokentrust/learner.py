@@ -137,6 +137,7 @@ class Learner:
         self.nonfinite_total = 0
         self.version = 0  # completed update() calls: the policy version of the current weights
         self.prox_logp: torch.Tensor | None = None  # [N, T] of the batch being updated on, when the loss needs it
+        self.anchor_logp: torch.Tensor | None = None  # [N, T] pi_old, the ratio's anchor with algo.anchor=recompute
         self.masked_tokens = MaskedTokenCounter(len(token_bucket), self.device)  # over the whole run
 
     def trainable(self) -> list[torch.nn.Parameter]:
@@ -187,9 +188,10 @@ class Learner:
     def _before_update(self, data, timings: dict[str, float]) -> dict[str, float]:
         """One no-grad forward with the weights before the update (log pi_old), when something needs it:
         anchor=recompute (the ratio's anchor becomes pi_old), a loss taking ``prox_logp`` (decoupled
-        PPO: pi_prox = pi_old, mu stays the behaviour policy), or log.mismatch (mu vs pi_old)."""
+        PPO: pi_prox = pi_old, mu stays the behaviour policy), or log.mismatch (mu vs pi_old). The batch's
+        ``behavior_logp`` stays mu in every case, so the diagnostics named after mu measure mu."""
         cfg = self.cfg
-        self.prox_logp = None
+        self.prox_logp = self.anchor_logp = None
         if not (cfg.algo.anchor == "recompute" or self.needs_prox or cfg.log.mismatch):
             return {}
         t0 = time.perf_counter()
@@ -200,7 +202,7 @@ class Learner:
             metrics = mismatch_metrics(b.behavior_logp, old, b.response_mask, self.token_bucket[b.response_ids],
                                        self.num_buckets)
         if cfg.algo.anchor == "recompute":  # ablation: anchor the ratio on pi_old instead of mu
-            data.batch.behavior_logp = old
+            self.anchor_logp = old
         if self.needs_prox:
             self.prox_logp = old
         timings["other"] += time.perf_counter() - t0
@@ -237,7 +239,8 @@ class Learner:
             if self.needs_topk:
                 params["behavior_topk_logp"] = mb.behavior_topk_logp
                 params["topk_logp"] = topk
-            out = self.loss_fn(logp, mb.behavior_logp, data.advantages[part], mask, **params)
+            anchor = mb.behavior_logp if self.anchor_logp is None else slice_cols(self.anchor_logp[part], mb)
+            out = self.loss_fn(logp, anchor, data.advantages[part], mask, **params)
             loss = out.loss
             if data.ref_logp is not None:
                 ref = slice_cols(data.ref_logp[part], mb)
