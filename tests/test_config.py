@@ -178,3 +178,35 @@ def test_yaml_exponent_without_a_dot_is_a_number(tmp_path):
     cfg = resolve(file=f)
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.rollout.temperature, cfg.seed) == (1e-5, 100.0, 0.5, 3)
     assert cfg.out_dir == "1e-5"  # quoted stays a string
+
+
+# Keywords the learner's loss call passes itself (read off Learner._optimizer_step), by a loss taking each.
+TRAINER_KEYS = [("dppo-tv", "delta"), ("dppo-tv", "agg"), ("dppo-tv", "is_cap"), ("dppo-tv", "global_tokens"),
+                ("dppo-tv", "global_seqs"), ("dppo-tv", "horizon"), ("ppo", "eps_low"), ("ppo", "eps_high"),
+                ("decoupled-ppo", "prox_logp"), ("dppo-topk-tv", "topk_logp"), ("dppo-topk-tv", "behavior_topk_logp"),
+                ("dppo-tv", "behavior_logp"), ("dppo-tv", "logp"), ("dppo-tv", "advantages"), ("dppo-tv", "mask")]
+
+
+@pytest.mark.parametrize("loss, key", TRAINER_KEYS)
+def test_algo_params_refuses_what_the_trainer_supplies(loss, key):
+    """They used to pass validation and then override (or be overridden by) the trainer's own values."""
+    with pytest.raises(ConfigError) as e:
+        resolve(overrides={"algo": {"loss": loss, "params": {key: 0.5}}})
+    msg = str(e.value)
+    assert msg.startswith(f"algo.params.{key} is supplied by the trainer") and "\n" not in msg
+
+
+def test_algo_params_still_takes_the_losses_own_knobs():
+    assert resolve(overrides={"algo": {"loss": "cppo", "params": {"w_min": 0.5}}}).algo.params == {"w_min": 0.5}
+    assert resolve(overrides={"algo": {"loss": "dppo-tv-hybrid", "params": {"tau": 0.01}}}).algo.params["tau"] == 0.01
+
+
+def test_the_adapters_refuse_the_same_shared_keys():
+    from tokentrust.config import trainer_supplied_params
+    from tokentrust.integrations import RESERVED_PARAMS, TokenTrustSettings
+    from tokentrust.losses import CALLER_PARAMS
+
+    assert RESERVED_PARAMS is CALLER_PARAMS and set(CALLER_PARAMS) <= set(trainer_supplied_params())
+    for key in CALLER_PARAMS:
+        with pytest.raises(ValueError, match=key):
+            TokenTrustSettings(params={key: 0.5})

@@ -189,3 +189,29 @@ def test_minibatch_split_makes_the_configured_number_of_minibatches():
     assert sum(parts, []) == list(range(9))
     assert _split(list(range(128)), 4) == [list(range(i, i + 32)) for i in range(0, 128, 32)]  # divisible: unchanged
     assert _split([0, 1], 4) == [[0], [1]]
+
+
+@pytest.mark.parametrize("loss", ["ppo", "dppo-tv", "decoupled-ppo"])
+def test_every_keyword_the_learner_passes_is_refused_in_algo_params(tmp_path, one_thread, loss):
+    """algo.params may not set what the learner's loss call supplies: each keyword seen in a real step
+    (empty algo.params) fails validation naming algo.params.<key>."""
+    from tokentrust.config import ConfigError
+    from tokentrust.losses import get_loss
+
+    real, passed = get_loss(loss), set()
+
+    def recording(logp, behavior_logp, advantages, mask, **params):
+        passed.update(params)
+        return real(logp, behavior_logp, advantages, mask, **params)
+
+    trainer = Trainer(resolve(overrides=tiny_overrides(tmp_path / "run", max_steps=1, algo={"loss": loss})),
+                      quiet=True)
+    trainer.loss_fn = recording
+    try:
+        trainer.train_step()
+    finally:
+        trainer.close()
+    assert {"agg", "is_cap"} <= passed and ("prox_logp" in passed) == (loss == "decoupled-ppo")
+    for key in sorted(passed):
+        with pytest.raises(ConfigError, match=f"^algo.params.{key} is supplied by the trainer"):
+            resolve(overrides={"algo": {"loss": loss, "params": {key: 0.5}}})

@@ -393,16 +393,41 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+# Where a loss keyword that the trainer supplies itself is set instead (the rest are per-batch tensors).
+_SET_BY = {"agg": "algo.agg", "delta": "algo.delta (per token: algo.thresholds)", "eps_low": "algo.eps_low",
+           "eps_high": "algo.eps_high", "is_cap": "algo.is_cap", "horizon": "rollout.max_new_tokens"}
+
+
+def trainer_supplied_params() -> tuple[str, ...]:
+    """Loss keywords the learner's loss call fills in itself, which ``algo.params`` must not set: the
+    positional tensors, the callers' shared ``tokentrust.losses.CALLER_PARAMS``, the IS cap and the
+    per-batch tensors (decoupled PPO's ``prox_logp``, DPPO-top-k's log-probs)."""
+    from tokentrust.losses import CALLER_PARAMS
+
+    return ("logp", "behavior_logp", "advantages", "mask", *CALLER_PARAMS, "is_cap", "prox_logp",
+            "behavior_topk_logp", "topk_logp")
+
+
+def _check_loss_params(a: AlgoConfig) -> None:
+    """Each ``algo.params`` key is a keyword of the loss that the trainer does not supply itself."""
+    from tokentrust.losses import get_loss
+
+    supplied = trainer_supplied_params()
+    accepted = set(inspect.signature(get_loss(a.loss)).parameters) - set(supplied)
+    for key in a.params:
+        _check(key not in supplied, f"algo.params.{key} is supplied by the trainer; "
+                                    + (f"set {_SET_BY[key]} instead" if key in _SET_BY else "remove it"))
+        _check(key in accepted, f"algo.params.{key} is not a parameter of loss {a.loss!r}; it takes: "
+                                f"{', '.join(sorted(accepted))}")
+
+
 def validate(cfg: RunConfig) -> None:
     """Checks across fields (single-field types and ranges are in the models); each names the field."""
-    from tokentrust.losses import available_losses, get_loss
+    from tokentrust.losses import available_losses
 
     a, r, o, th, m = cfg.algo, cfg.rollout, cfg.optim, cfg.algo.thresholds, cfg.model
     _check(a.loss in available_losses(), f"algo.loss: unknown loss {a.loss!r}; available: {', '.join(available_losses())}")
-    accepted = set(inspect.signature(get_loss(a.loss)).parameters) - {"logp", "behavior_logp", "advantages", "mask"}
-    for key in a.params:
-        _check(key in accepted, f"algo.params.{key} is not a parameter of loss {a.loss!r}; it takes: "
-                                f"{', '.join(sorted(accepted))}")
+    _check_loss_params(a)
     _check(th.s_min <= th.s_max, f"algo.thresholds.s_min ({th.s_min}) must be <= s_max ({th.s_max})")
     _check(th.kind == "constant" or a.loss in PER_TOKEN_DELTA_LOSSES,
            f"algo.thresholds.kind={th.kind!r} needs a loss with a per-token delta "

@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
+from tokentrust.losses.core import CALLER_PARAMS
 from tokentrust.thresholds import BatchFrequencyState, ThresholdSpec, compute_thresholds
 
 ANCHORS = ("default", "rollout", "old")
 # Loss keywords an adapter derives from the engine's own config (or tokentrust.delta): not params.
-RESERVED_PARAMS = ("agg", "global_tokens", "global_seqs", "horizon", "delta", "eps_low", "eps_high")
+RESERVED_PARAMS = CALLER_PARAMS
 
 
 @dataclass(frozen=True)

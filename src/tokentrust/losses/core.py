@@ -20,6 +20,9 @@ import torch
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 4.9e8: a ratio beyond this is a numerical accident, not a signal
+# Loss keywords every caller (the trainer, the engine adapters) derives from its own settings: the
+# aggregation and its normalisers, the clip epsilons, the threshold. User-given loss params may not set them.
+CALLER_PARAMS = ("agg", "global_tokens", "global_seqs", "horizon", "delta", "eps_low", "eps_high")
 
 
 @dataclass
