@@ -3,6 +3,17 @@
     python benchmarks/speed_vs_baseline.py                               # study preset vs 33e005c
     python benchmarks/speed_vs_baseline.py --baseline HEAD~3 --steps 10 --rounds 2
     python benchmarks/speed_vs_baseline.py --set optim.packed_forward=false   # a lever switched off
+    python benchmarks/speed_vs_baseline.py --preset tiny-arith-headroom --steps 25 \
+        --common rollout.staleness=4 --common optim.lr=5e-5 --common optim.ppo_epochs=2 \
+        --common optim.minibatches=4 --common log.mismatch=true --baseline-task-from-checkout
+        # the headroom study's off-policy preset (a preset 33e005c does not have: see below)
+
+A preset the baseline does not know is given to it as its parent preset (``tiny-arith``) plus the
+checkout preset's own settings as ``--set`` overrides, taken from this checkout's ``PRESETS``
+(``baseline_preset``); ``--common`` overrides go to both sides. ``--baseline-task-from-checkout`` copies this checkout's task generators
+(``tokentrust/tasks``) into the baseline tree, so that a task option added since (the headroom
+preset's ``implied_unit``) draws the same problems on both sides; tasks generate the data and are
+not part of what is timed per step.
 
 The baseline commit is exported with ``git archive`` into a temporary folder, and this checkout's
 ``src`` is copied next to it (so editing the tree during the benchmark changes nothing); both run
@@ -49,6 +60,33 @@ def snapshot_checkout(dest: Path) -> Path:
     return dest
 
 
+def baseline_preset(rev: str, preset: str) -> tuple[str, list[str]]:
+    """The baseline's preset and ``--set`` overrides equal to this checkout's ``preset``: the preset
+    itself when the baseline has it, else its parent (``tiny-arith``) plus the differences."""
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:src/tokentrust/config.py"], check=True,
+                         capture_output=True, text=True).stdout
+    if f'"{preset}"' in src:
+        return preset, []
+    from tokentrust.config import PRESETS
+
+    parent = "tiny-arith"
+    if f'"{parent}"' not in src:
+        raise SystemExit(f"baseline {rev} has neither {preset!r} nor {parent!r}; pass --baseline-preset")
+    sets = []
+
+    def diff(mine: dict, base: dict, prefix: str) -> None:
+        for k, v in mine.items():
+            if k in ("out_dir", "max_steps"):  # the run's own: --steps sets max_steps
+                continue
+            if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "options":
+                diff(v, base[k], f"{prefix}{k}.")
+            elif base.get(k) != v:
+                sets.append(f"{prefix}{k}={json.dumps(v)}")
+
+    diff(PRESETS[preset], PRESETS[parent], "")
+    return parent, sets
+
+
 def start(src: Path, out: Path, preset: str, steps: int, sets: list[str]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(src / "src"), OMP_NUM_THREADS="1", TOKENTRUST_THREADS="1",
                OMP_WAIT_POLICY="PASSIVE")
@@ -81,15 +119,27 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override for this checkout's side only (e.g. to switch a lever off)")
+    ap.add_argument("--common", action="append", default=[], metavar="KEY=VALUE",
+                    help="override for both sides (the study's settings on top of the preset)")
+    ap.add_argument("--baseline-task-from-checkout", action="store_true",
+                    help="copy this checkout's tokentrust/tasks into the baseline tree (same problems)")
     args = ap.parse_args()
+    b_preset, b_sets = baseline_preset(args.baseline, args.preset)
+    args.base_preset, args.base_sets = b_preset, [*b_sets, *args.common]
+    args.this_sets = [*args.common, *args.sets]
     with tempfile.TemporaryDirectory(prefix="tt-speed-") as tmp_s:
         tmp = Path(tmp_s)
         base = export(args.baseline, tmp / "baseline-src")
+        if args.baseline_task_from_checkout:
+            shutil.rmtree(base / "src" / "tokentrust" / "tasks")
+            shutil.copytree(ROOT / "src" / "tokentrust" / "tasks", base / "src" / "tokentrust" / "tasks",
+                            ignore=shutil.ignore_patterns("__pycache__"))
         this = snapshot_checkout(tmp / "this-src")
-        warm_up(base, tmp, "baseline", args.preset, [])
-        warm_up(this, tmp, "this", args.preset, args.sets)
+        print(f"baseline: --preset {b_preset} " + " ".join(f"--set {s}" for s in args.base_sets), flush=True)
+        warm_up(base, tmp, "baseline", b_preset, args.base_sets)
+        warm_up(this, tmp, "this", args.preset, args.this_sets)
         rounds = [_paired_round(base, this, tmp, i, args) for i in range(args.rounds)]
-    print(f"\n{args.preset}, {args.steps} RL steps + evaluation per run, 2 runs at a time x 1 thread; "
+    print(f"\n{args.preset} {' '.join(args.common)}, {args.steps} RL steps + evaluation per run, 2 runs at a time x 1 thread; "
           f"{machine_summary()}; baseline {args.baseline}\n")
     print("| side | CPU s / run | runs / CPU hour | wall s / run | s / RL step (median, wall) | set-up + "
           "evaluation s (wall) |")
@@ -106,9 +156,10 @@ def main() -> None:
 def _paired_round(base: Path, this: Path, tmp: Path, i: int, args) -> dict:
     """Both sides at once; overrides apply to this checkout only. CPU time per process via wait4."""
     procs, t0, result = {}, time.perf_counter(), {}
-    for name, src, sets in (("baseline", base, []), ("this checkout", this, args.sets)):
+    for name, src, preset, sets in (("baseline", base, args.base_preset, args.base_sets),
+                                    ("this checkout", this, args.preset, args.this_sets)):
         out = tmp / f"{name.replace(' ', '-')}-{i}"
-        procs[name] = (start(src, out, args.preset, args.steps, sets), out)
+        procs[name] = (start(src, out, preset, args.steps, sets), out)
     while len(result) < len(procs):
         for name, (proc, out) in procs.items():
             if name in result:
