@@ -196,3 +196,26 @@ def _rms_norm32(x, w):
     from tokentrust.packed import _RMSNorm32
 
     return _RMSNorm32.apply(x, w, 1e-6)
+
+
+@pytest.mark.parametrize("make", [_llama, _qwen2], ids=["llama-gqa", "qwen2-bias"])
+def test_greedy_tokens_do_not_depend_on_the_batch_size(make, one_thread):
+    """Evaluation decodes greedily in larger batches than it samples (``evaluate``'s
+    ``greedy_batch_size``): the same tokens, and log-probs within 1e-5, whether rows are decoded
+    one prompt group at a time or all at once (compaction drops different rows in each)."""
+    from tokentrust.rollout.hf import HFRollout
+
+    model = make().eval()
+    batch = _batch(seed=9, groups=4, group_size=3)
+    r = HFRollout(model, _Tok(), max_new_tokens=12, record_entropy=True, stop_token_ids=list(range(1, V, 3)))
+    whole = r.generate_ids(batch.prompt_ids, batch.prompt_mask, greedy=True)
+    for size in (1, 3, 5):
+        parts = [r.generate_ids(batch.prompt_ids[i:i + size], batch.prompt_mask[i:i + size], greedy=True)
+                 for i in range(0, len(batch), size)]
+        for i, part in enumerate(parts):
+            rows = slice(i * size, i * size + len(part))
+            w = part.response_ids.shape[1]
+            assert torch.equal(part.response_ids, whole.response_ids[rows, :w])
+            assert not whole.response_mask[rows, w:].any()
+            torch.testing.assert_close(part.behavior_logp, whole.behavior_logp[rows, :w], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(part.behavior_entropy, whole.behavior_entropy[rows, :w], rtol=1e-5, atol=1e-5)

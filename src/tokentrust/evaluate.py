@@ -45,7 +45,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: Any, *, out_dir: str 
              split: str = "test", limit: int | None = None, samples: int = 4, max_new_tokens: int = 256,
              temperature: float = 1.0, seed: int = 0, batch_size: int = 32, table: Any = None,
              bucket_edges: Sequence[float] = (0.5, 0.8, 0.95, 0.99), system_prompt: str | None = None,
-             reference: torch.nn.Module | None = None, backend: str = "hf", progress: bool = False) -> dict[str, Any]:
+             reference: torch.nn.Module | None = None, backend: str = "hf", progress: bool = False,
+             greedy_batch_size: int | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on ``task``'s ``split``; writes results.json and problems.jsonl to ``out_dir``.
 
     Greedy decoding gives pass@1; ``samples`` draws at ``temperature`` give mean@k and the unbiased
@@ -53,6 +54,11 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: Any, *, out_dir: str 
     With a frequency ``table``: rare-token shares and distinct-n of the
     sampled generations; with a ``reference`` model: their per-token NLL under it (coherence).
     ``progress``: show generations done and the running accuracy (``tokentrust.runlog.Progress``).
+    ``greedy_batch_size`` (default 4 x ``batch_size``): prompts per greedy batch. Greedy decoding draws
+    no random numbers, so the batch size changes only float rounding (each row's tokens are its own
+    argmaxes; tests/test_packed.py checks equal tokens), and larger batches pay the per-step Python
+    and kernel-launch cost once for more rows (640 problems: 3.6 -> 2.7 CPU s on the tiny preset).
+    Sampled generations keep ``batch_size``: their generators are seeded per batch.
     """
     from tokentrust.rollout import make_rollout
 
@@ -76,7 +82,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: Any, *, out_dir: str 
                 bar.update(len(batch), f"{label} accuracy {sum(ok) / len(ok):.3f} over {len(ok)}")
             return on_batch
 
-        greedy_rows = _rows(_generate_all(rollout, prompts, batch_size, greedy=True, seed=seed,
+        greedy_rows = _rows(_generate_all(rollout, prompts, greedy_batch_size or 4 * batch_size, greedy=True, seed=seed,
                                           on_batch=score(greedy_ok, examples, "greedy")))
         sample_rows = _rows(_generate_all(rollout, [p for p in prompts for _ in range(samples)], batch_size,
                                           greedy=False, seed=seed + 1,
