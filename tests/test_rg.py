@@ -113,3 +113,46 @@ def test_two_training_steps_on_a_reasoning_gym_task(tmp_path, one_thread):
         ex = next(e for e in trainer.train_examples if e.question in row["prompt"])
         assert row["reward"] == trainer.task.score(row["completion"], ex).reward
     assert json.loads((tmp_path / "run" / "config.json").read_text())["task"]["name"] == "rg/chain_sum"
+
+
+def test_a_scorer_timeout_is_counted_and_the_worker_kept():
+    """The power tower runs into the worker's own timer: score 0, one timeout counted, same worker."""
+    from tokentrust.verifiers import count_failures
+
+    task = get_task("rg/countdown", num_train=2, num_test=1, timeout_s=1.0)
+    ex = task.examples("train")[0]
+    try:
+        assert task.score(task.sft_text(ex), ex).reward == 1.0
+        pid = task.scorer._worker.proc.pid
+        with count_failures() as failed:
+            assert task.score("<answer>9**9**9**9**9</answer>", ex).reward == 0.0
+            assert task.score(task.sft_text(ex), ex).reward == 1.0
+        assert (failed.timeouts, failed.errors) == (1, 0) and task.scorer._worker.proc.pid == pid
+    finally:
+        task.scorer.close()
+
+
+@pytest.mark.parametrize("failure", ["timeouts", "errors"])
+def test_verifier_failures_are_counted_per_step(tmp_path, one_thread, monkeypatch, failure):
+    """A verifier that times out (timeout_s=0: every deadline has passed) or whose worker dies scores 0,
+    and the step's record counts it: reward/verifier_<kind> = one per sampled completion (2 x 2)."""
+    from tokentrust.tasks.rg import _ScoreWorker
+    from tokentrust.trainer import Trainer
+
+    options = {"num_train": 48, "num_test": 8, "min_terms": 2, "max_terms": 2, "max_digits": 1}
+    if failure == "timeouts":
+        options["timeout_s"] = 0.0
+    else:  # a worker that says ready, then exits: every call finds it dead
+        script = tmp_path / "dying_worker.py"
+        script.write_text("print('{\"ready\": true}', flush=True)\n")
+        monkeypatch.setattr(_ScoreWorker, "script", str(script))
+    over = tiny_overrides(tmp_path / "run", task={"name": "rg/chain_sum", "eval_limit": 0, "options": options},
+                          rollout={"max_new_tokens": 10})
+    trainer = Trainer(resolve(overrides=over), quiet=True)
+    try:
+        rec = trainer.train_step()
+    finally:
+        trainer.close()
+    other = "errors" if failure == "timeouts" else "timeouts"
+    assert rec[f"reward/verifier_{failure}"] == 4 and rec[f"reward/verifier_{other}"] == 0
+    assert rec["reward/mean"] == 0.0

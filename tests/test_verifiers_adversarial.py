@@ -191,3 +191,28 @@ def test_scores_never_raise(text, name):
 def test_math_equal_never_raises(verifier, gold, pred):
     out, dt = timed(verifier.equal, gold, pred, TIMEOUT_S)
     assert isinstance(out, bool) and dt < BOUND_S
+
+
+def test_failed_checks_are_counted_by_kind():
+    """A stopped worker (the deadline passes) is a timeout, a killed one an error: both score False,
+    and count_failures sees them in the thread that ran the checks; a verdict adds nothing."""
+    from tokentrust.verifiers import count_failures
+
+    v = MathVerifier(num_workers=1)
+    try:
+        assert v.warmup()
+        os.kill(v.pids()[0], signal.SIGSTOP)
+        with count_failures() as stopped:
+            assert v.equal("0.5", "\\frac12", 0.5) is False
+        assert v.warmup()
+        os.kill(v.pids()[0], signal.SIGKILL)
+        with count_failures() as killed:
+            assert v.equal("0.5", "\\frac12", 5.0) is False
+        with count_failures() as fine:
+            assert v.equal("0.5", "\\frac12", 30.0) is True
+    finally:
+        v.close()
+    assert (stopped.timeouts, stopped.errors) == (1, 0)
+    assert (killed.timeouts, killed.errors) == (0, 1)
+    assert (fine.timeouts, fine.errors) == (0, 0)
+    assert (v.timeouts, v.errors) == (1, 1)

@@ -28,6 +28,7 @@ from tokentrust.learner import logprobs_by_micro_batch, step_generator, use_pack
 from tokentrust.rollout.base import RolloutBatch
 from tokentrust.rollout.weights import RolloutWeights
 from tokentrust.thresholds import BatchFrequencyState, compute_thresholds
+from tokentrust.verifiers.failures import count_failures
 from tokentrust.vocab import FrequencyTable, TokenInfo
 
 
@@ -64,6 +65,8 @@ class ScoredBatch:
     index: int = 0  # data step: prompts and sampling generator of step index + 1
     policy_version: int = 0  # learner updates applied to the weights that sampled it
     fingerprint: str = ""  # weight_fingerprint of those weights
+    verifier_timeouts: int = 0  # scoring checks that ran out of time (each scored 0)
+    verifier_errors: int = 0  # scoring checks whose verifier worker crashed or failed (each scored 0)
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_state(self) -> dict[str, Any]:
@@ -127,7 +130,8 @@ class Collector:
         timings["generate"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        scores = [self.task.score(text, examples[i // g]) for i, text in enumerate(batch.response_texts)]
+        with count_failures() as failed:  # a timeout or crash scores 0: counted, not silent
+            scores = [self.task.score(text, examples[i // g]) for i, text in enumerate(batch.response_texts)]
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=self.device)
         correct = torch.tensor([s.correct for s in scores], device=self.device)
         advantages = group_advantages(rewards, g, cfg.algo.adv_std_norm)
@@ -148,7 +152,8 @@ class Collector:
                                                packed=use_packed(self.ref_model, cfg.optim.packed_forward))
         timings["other"] += time.perf_counter() - t0
         return ScoredBatch(batch, rewards, correct, advantages, delta, ref_logp, prompts, index=index,
-                           policy_version=version, fingerprint=fingerprint, timings=timings)
+                           policy_version=version, fingerprint=fingerprint, verifier_timeouts=failed.timeouts,
+                           verifier_errors=failed.errors, timings=timings)
 
     def sync(self, learner_model: torch.nn.Module, version: int) -> None:
         """Weight sync after a learner step: the rollout side now samples with ``version``."""

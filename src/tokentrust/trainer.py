@@ -236,6 +236,8 @@ class Trainer:
                                "reward/accuracy": float(data.correct.float().mean()),
                                "reward/zero_std_groups": float((data.rewards.view(-1, self.cfg.rollout.group_size)
                                                                 .std(-1) == 0).float().mean()),
+                               "reward/verifier_timeouts": data.verifier_timeouts,
+                               "reward/verifier_errors": data.verifier_errors,
                                "response/length_mean": n_tok / max(len(b), 1),
                                "perf/tokens_per_s": n_tok / max(total, 1e-9),
                                "train/optimizer_steps": self.optimizer_steps,

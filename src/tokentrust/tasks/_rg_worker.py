@@ -2,8 +2,9 @@
 
 Started as ``python -P _rg_worker.py MEMORY_MB``. Protocol: it writes ``{"ready": true}`` once
 reasoning-gym is imported, then reads JSON lines ``{"id", "dataset", "options", "seed", "size",
-"index", "question", "answer", "budget"}`` and answers ``{"id", "score"}`` (or ``"mismatch": true``
-when the regenerated entry's question differs from the one sent). Datasets are procedural, so the
+"index", "question", "answer", "budget"}`` and answers ``{"id", "score"}`` (plus ``"timeout": true``
+when its own timer ended the call, or ``"mismatch": true`` when the regenerated entry's question
+differs from the one sent). Datasets are procedural, so the
 worker rebuilds the entry from (dataset, options, seed, size, index) instead of receiving it. The
 parent's deadline-and-kill bounds each call; the interval timer and memory cap only let the worker
 recover without a restart.
@@ -17,7 +18,8 @@ import sys
 from tokentrust.verifiers._mv_worker import _Deadline, _harden, _on_alarm
 
 
-def _score(datasets: dict, req: dict):
+def _score(datasets: dict, req: dict) -> dict | None:
+    """``{"score": s}`` (plus ``"timeout": true`` when the budget ran out first), None on a mismatch."""
     import reasoning_gym
 
     key = json.dumps([req["dataset"], req["options"], req["seed"], req["size"]], sort_keys=True)
@@ -32,12 +34,12 @@ def _score(datasets: dict, req: dict):
     try:
         score = float(ds.score_answer(req["answer"], entry))
     except _Deadline:
-        score = 0.0
+        return {"score": 0.0, "timeout": True}
     except BaseException:  # whatever the scorer raises on a malformed answer
         score = 0.0
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-    return score if score == score else 0.0  # NaN -> 0
+    return {"score": score if score == score else 0.0}  # NaN -> 0
 
 
 def main() -> None:
@@ -56,8 +58,8 @@ def main() -> None:
         try:
             req = json.loads(line)
             rid = req.get("id")
-            score = _score(datasets, req)
-            msg = {"score": 0.0, "mismatch": True} if score is None else {"score": score}
+            scored = _score(datasets, req)
+            msg = {"score": 0.0, "mismatch": True} if scored is None else scored
         except BaseException:
             pass
         out.write(json.dumps({"id": rid, **msg}) + "\n")

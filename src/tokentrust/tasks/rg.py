@@ -14,17 +14,15 @@ the tags were used; ``correct`` means a score of 1.
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from tokentrust.tasks.base import Example, Score, Task
+from tokentrust.verifiers.failures import record_failure
 from tokentrust.verifiers.math import _Worker
 
 PROMPT = "Solve the following problem. Give only the final answer between <answer> and </answer>.\n\n{question}"
@@ -46,34 +44,9 @@ def extract_answer(completion: str, fallback_last_line: bool = False) -> str | N
 
 
 class _ScoreWorker(_Worker):
-    """One `_rg_worker.py` subprocess (the pipe handling of math-verify's worker)."""
+    """One `_rg_worker.py` subprocess (the pipe handling and requests of math-verify's worker)."""
 
-    def __init__(self, memory_mb: int):  # noqa: D107  (replaces _Worker's command line)
-        script = str(Path(__file__).with_name("_rg_worker.py"))
-        self.proc = subprocess.Popen([sys.executable, "-P", script, str(memory_mb)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0, close_fds=True)
-        self.ready = False
-        self._buf = b""
-        self._next_id = 0
-
-    def score(self, request: dict[str, Any], deadline: float) -> dict[str, Any] | None:
-        self._next_id += 1
-        budget = max(0.05, 0.75 * (deadline - time.monotonic()))
-        line = json.dumps({**request, "id": self._next_id, "budget": budget}) + "\n"
-        try:
-            self.proc.stdin.write(line.encode("utf-8", "surrogatepass"))
-        except (OSError, ValueError):
-            return None
-        while True:
-            raw = self._readline(deadline)
-            if raw is None:
-                return None
-            try:
-                msg = json.loads(raw)
-            except ValueError:
-                return None
-            if msg.get("id") == self._next_id:
-                return msg
+    script = str(Path(__file__).with_name("_rg_worker.py"))
 
 
 class BoundedScorer:
@@ -87,7 +60,8 @@ class BoundedScorer:
         self._worker: _ScoreWorker | None = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self.timeouts = 0
+        self.timeouts = 0  # calls that ran out of time (the worker's timer, or the deadline: then replaced)
+        self.errors = 0  # calls whose worker died, answered garbage or did not start (replaced)
         atexit.register(self.close)
 
     def score(self, request: dict[str, Any]) -> float:
@@ -97,12 +71,14 @@ class BoundedScorer:
             w = self._worker
             msg = None
             if w.wait_ready(time.monotonic() + self.startup_timeout_s):
-                msg = w.score(request, time.monotonic() + self.timeout_s)
+                msg = w.request(request, time.monotonic() + self.timeout_s)
             if msg is None:  # deadline, crash or failed start
-                self.timeouts += 1
+                record_failure(w.failure, self)
                 w.kill()
                 self._worker = None
                 return 0.0
+        if msg.get("timeout"):  # the worker's own timer fired: 0, and the worker lives on
+            record_failure("timeouts", self)
         if msg.get("mismatch"):
             raise RuntimeError(f"reasoning-gym dataset {request['dataset']!r} regenerated a different problem "
                                f"at index {request['index']}; its generator is not deterministic")

@@ -2,10 +2,11 @@
 
 Started as ``python -P _mv_worker.py MEMORY_MB`` (``-P`` keeps this folder, which holds a
 ``math.py``, off ``sys.path``). Protocol: it writes ``{"ready": true}`` once imports are done, then
-reads JSON lines ``{"id", "gold", "pred", "budget"}`` and answers ``{"id", "ok"}``. It never evaluates
-its input: math-verify parses LaTeX into sympy objects. Its own guards (an interval timer for the
-Python-level work, an address-space cap for runaway big integers, death with the parent) only make
-it recover without a restart; the parent's deadline-and-kill is what bounds a check's time.
+reads JSON lines ``{"id", "gold", "pred", "budget"}`` and answers ``{"id", "ok"}`` (plus
+``"timeout": true`` when its own timer ended the check). It never evaluates its input: math-verify
+parses LaTeX into sympy objects. Its own guards (an interval timer for the Python-level work, an
+address-space cap for runaway big integers, death with the parent) only make it recover without a
+restart; the parent's deadline-and-kill is what bounds a check's time.
 """
 
 import json
@@ -39,14 +40,17 @@ def _harden(memory_mb: int) -> None:
             pass
 
 
-def _check(parse, verify, config, gold: str, pred: str, budget: float) -> bool:
+def _check(parse, verify, config, gold: str, pred: str, budget: float) -> dict:
+    """``{"ok": verdict}``, plus ``"timeout": true`` when the budget ran out first (then ok is False)."""
     signal.setitimer(signal.ITIMER_REAL, max(budget, 0.01))
     try:
         g = parse("\\boxed{" + gold + "}", extraction_config=config, parsing_timeout=None)
         p = parse("\\boxed{" + pred + "}", extraction_config=config, parsing_timeout=None)
-        return bool(g) and bool(p) and bool(verify(g, p, timeout_seconds=None))
-    except BaseException:  # _Deadline, MemoryError, RecursionError, anything sympy raises
-        return False
+        return {"ok": bool(g) and bool(p) and bool(verify(g, p, timeout_seconds=None))}
+    except _Deadline:
+        return {"ok": False, "timeout": True}
+    except BaseException:  # MemoryError, RecursionError, anything sympy raises: not equal
+        return {"ok": False}
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
@@ -66,11 +70,11 @@ def main() -> None:
     for line in sys.stdin:
         try:
             req = json.loads(line)
-            ok = _check(parse, verify, config, str(req["gold"]), str(req["pred"]), float(req["budget"]))
+            verdict = _check(parse, verify, config, str(req["gold"]), str(req["pred"]), float(req["budget"]))
             rid = req.get("id")
         except BaseException:
-            ok, rid = False, None
-        out.write(json.dumps({"id": rid, "ok": ok}) + "\n")
+            verdict, rid = {"ok": False}, None
+        out.write(json.dumps({"id": rid, **verdict}) + "\n")
         out.flush()
 
 

@@ -24,6 +24,8 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+from tokentrust.verifiers.failures import Kind, record_failure
+
 log = logging.getLogger(__name__)
 
 MAX_ANSWER_CHARS = 1000  # longer gold/pred answers are "not equal" without calling sympy
@@ -112,15 +114,19 @@ def _plain_number(s: str) -> Fraction | None:
 # ----------------------------------------------------------------------------- worker pool
 
 class _Worker:
-    """One `_mv_worker.py` subprocess and its line-buffered pipe."""
+    """One worker subprocess (`_mv_worker.py` here) and its line-buffered pipe. ``failure`` says why
+    the last call got no answer: "timeouts" (deadline passed) or "errors" (dead, garbage, broken pipe)."""
+
+    script = _WORKER
 
     def __init__(self, memory_mb: int):
         self.proc = subprocess.Popen(
-            [sys.executable, "-P", _WORKER, str(memory_mb)],
+            [sys.executable, "-P", self.script, str(memory_mb)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             bufsize=0, close_fds=True,
         )
         self.ready = False
+        self.failure: Kind = "errors"
         self._buf = b""
         self._next_id = 0
 
@@ -128,13 +134,13 @@ class _Worker:
         fd = self.proc.stdout.fileno()
         while b"\n" not in self._buf:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            r, _, _ = select.select([fd], [], [], remaining)
+            r = select.select([fd], [], [], remaining)[0] if remaining > 0 else []
             if not r:
+                self.failure = "timeouts"
                 return None
             chunk = os.read(fd, 65536)
             if not chunk:
+                self.failure = "errors"
                 return None  # the worker died
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
@@ -144,16 +150,20 @@ class _Worker:
         if not self.ready:
             line = self._readline(deadline)
             self.ready = line is not None and b"ready" in line
+            if line is not None and not self.ready:
+                self.failure = "errors"
         return self.ready
 
-    def check(self, gold: str, pred: str, deadline: float) -> bool | None:
-        """True/False from the worker, or None if it missed the deadline or died."""
+    def request(self, payload: dict, deadline: float) -> dict | None:
+        """Send ``payload`` (plus an id and the worker's own time budget) and return the answer, or
+        None if the worker missed ``deadline`` or failed (``failure`` says which)."""
         self._next_id += 1
         budget = max(0.05, 0.75 * (deadline - time.monotonic()))  # worker's own timer fires first
-        req = json.dumps({"id": self._next_id, "gold": gold, "pred": pred, "budget": budget}) + "\n"
+        req = json.dumps({**payload, "id": self._next_id, "budget": budget}) + "\n"
         try:
             self.proc.stdin.write(req.encode("utf-8", "surrogatepass"))
         except (OSError, ValueError):
+            self.failure = "errors"
             return None
         while True:
             line = self._readline(deadline)
@@ -162,9 +172,10 @@ class _Worker:
             try:
                 msg = json.loads(line)
             except ValueError:
+                self.failure = "errors"
                 return None
             if msg.get("id") == self._next_id:
-                return bool(msg.get("ok"))
+                return msg
 
     def kill(self) -> None:
         try:
@@ -200,7 +211,8 @@ class MathVerifier:
         self._started = False
         self._closed = False
         self._pid = os.getpid()
-        self.timeouts = 0  # checks that hit their deadline (the worker was replaced)
+        self.timeouts = 0  # checks that ran out of time (the worker's timer, or the deadline: then replaced)
+        self.errors = 0  # checks whose worker died, answered garbage or did not start (replaced)
 
     # workers are started lazily, all at once, and replaced one for one
     def _spawn(self) -> None:
@@ -248,6 +260,7 @@ class MathVerifier:
             return self._equal(gold, pred, timeout_s)
         except Exception:
             log.debug("math_equal failed", exc_info=True)
+            record_failure("errors", self)
             return False
 
     def _equal(self, gold: str, pred: str, timeout_s: float) -> bool:
@@ -270,15 +283,16 @@ class MathVerifier:
         self._ensure_started()
         try:
             w = self._idle.get(timeout=self.startup_timeout_s + 4 * timeout_s)
-        except queue.Empty:
+        except queue.Empty:  # no worker came free in time
+            record_failure("timeouts", self)
             return False
-        ok = None
+        msg = None
         try:
             if w.wait_ready(time.monotonic() + self.startup_timeout_s):
-                ok = w.check(gold, pred, time.monotonic() + timeout_s)
+                msg = w.request({"gold": gold, "pred": pred}, time.monotonic() + timeout_s)
         finally:
-            if ok is None:  # deadline, crash or failed start: replace the worker
-                self.timeouts += 1
+            if msg is None:  # deadline, crash or failed start: count it, replace the worker
+                record_failure(w.failure, self)
                 w.kill()
                 with self._lock:
                     self._all.discard(w)
@@ -286,7 +300,11 @@ class MathVerifier:
                     self._spawn()
             else:
                 self._idle.put(w)
-        return bool(ok)
+        if msg is None:
+            return False
+        if msg.get("timeout"):  # the worker's own timer fired: no verdict, but the worker lives on
+            record_failure("timeouts", self)
+        return bool(msg.get("ok"))
 
     def close(self) -> None:
         """Kill every worker and wait for it; later calls to `equal` use only the fast path."""
