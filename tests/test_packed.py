@@ -219,3 +219,26 @@ def test_greedy_tokens_do_not_depend_on_the_batch_size(make, one_thread):
             assert not whole.response_mask[rows, w:].any()
             torch.testing.assert_close(part.behavior_logp, whole.behavior_logp[rows, :w], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(part.behavior_entropy, whole.behavior_entropy[rows, :w], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 4, 100])
+def test_attention_chunks_do_not_change_the_result(chunks, monkeypatch, one_thread):
+    """Attention runs on groups of rows of similar length (``packed.ATTENTION_CHUNKS``); any number
+    of groups gives the padded HF forward's log-probs (1e-5) and gradients (1e-4 of their scale),
+    with one prompt much longer than the others (it used to pad every row)."""
+    import tokentrust.packed as packed
+
+    monkeypatch.setattr(packed, "ATTENTION_CHUNKS", chunks)
+    model = _llama().train()
+    batch = _batch(seed=11, groups=5, group_size=3, P=16)
+    long = torch.randint(2, V, (16,), generator=torch.Generator().manual_seed(3))
+    batch.prompt_ids[:3], batch.prompt_mask[:3] = long, 1  # the first group's prompt fills all 16 columns
+    ref_logp, ref_grads = _grads(model, batch, packed=False, temperature=1.0)
+    logp, grads = _grads(model, batch, packed=True, temperature=1.0)
+    mask = batch.response_mask.bool()
+    torch.testing.assert_close(logp[mask], ref_logp[mask], rtol=1e-5, atol=1e-5)
+    for name, g in ref_grads.items():
+        assert (grads[name] - g).abs().max() <= 1e-4 * g.abs().max(), name
+    lay = packed.build_layout(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    assert len(lay.resp_chunks) == min(chunks, len(batch))
+    assert sum(len(c.back[0]) for c in lay.resp_chunks) == len(lay.tokens) - lay.num_prompt_tokens

@@ -58,11 +58,38 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
 
 # ------------------------------------------------------------------------------------- layout
 
+ATTENTION_CHUNKS = 4  # attention runs in up to this many groups of rows of similar length (see Layout)
+
+
+@dataclass
+class _PromptChunk:
+    """Distinct prompts of similar length, attended causally together."""
+
+    gather: torch.Tensor  # [Uc, Pc] index into tokens per (prompt, column), left-aligned
+    back: tuple[torch.Tensor, torch.Tensor]  # (prompt, column) of each real cell, in packed order
+
+
+@dataclass
+class _ResponseChunk:
+    """Rows of similar length: each row's response inputs attend to [its prompt | its own prefix]."""
+
+    queries: torch.Tensor  # [Nc, Rc] index into the response inputs (tokens[Sp:]) per (row, column)
+    keys: torch.Tensor  # [Nc, Lc] index into tokens: the row's prompt, then its response inputs
+    mask: torch.Tensor  # [Nc, 1, Rc, Lc] bool: keys a query may attend to
+    back: tuple[torch.Tensor, torch.Tensor]  # (row, column) of each real query, in packed order
+
+
 @dataclass
 class Layout:
     """Where each real token sits in the packed [S] sequence (distinct prompts' tokens, then response
     inputs) and in the padded views attention uses. Padding slots point at row 0: their queries'
-    outputs are never read back and their keys are masked, so their values do not matter."""
+    outputs are never read back and their keys are masked, so their values do not matter.
+
+    Attention is the only part of the network that mixes tokens, and it is computed per row. So the
+    distinct prompts are ordered by length and the rows by key length (prompt + response inputs),
+    tokens are packed in that order, and attention runs on up to ``ATTENTION_CHUNKS`` groups of
+    consecutive prompts / rows, each padded only to its own longest member (one long prompt no longer
+    pads every row). The outputs of the chunks, concatenated, are already in packed order."""
 
     tokens: torch.Tensor  # [S] input ids
     positions: torch.Tensor  # [S] rotary positions
@@ -72,17 +99,25 @@ class Layout:
     last_prompt: torch.Tensor  # [U] packed index of each distinct prompt's last token
     resp_gather: torch.Tensor  # [N, Rm] index into tokens[Sp:] per (row, response input column)
     prompt_of_row: torch.Tensor  # [N] which distinct prompt row n continues
-    resp_mask: torch.Tensor  # [N, 1, Rm, Pm + Rm] bool: keys a response query may attend to
-    prompt_back: torch.Tensor  # [Sp] flat index into [U * Pm] of each packed prompt token
-    resp_back: torch.Tensor  # [Sr] flat index into [N * Rm] of each packed response token
+    prompt_back: tuple[torch.Tensor, torch.Tensor]  # [Sp] (prompt, column) of each packed prompt token
+    prompt_chunks: list[_PromptChunk]
+    resp_chunks: list[_ResponseChunk]
     predict_from: torch.Tensor  # [M] row of [last prompt tokens (U); response inputs (Sr)] predicting each token
     valid: torch.Tensor  # [N, T] bool, the response mask (M = valid.sum())
 
 
+def _bounds(n: int, chunks: int) -> list[tuple[int, int]]:
+    chunks = max(1, min(chunks, n))
+    cuts = [i * n // chunks for i in range(chunks + 1)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
 def build_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
-                 response_mask: torch.Tensor) -> Layout:
-    """The packed layout of left-padded prompts and right-padded responses (as ``RolloutBatch`` holds them)."""
+                 response_mask: torch.Tensor, chunks: int | None = None) -> Layout:
+    """The packed layout of left-padded prompts and right-padded responses (as ``RolloutBatch`` holds them);
+    ``chunks``: attention groups (default ``ATTENTION_CHUNKS``)."""
     device = prompt_ids.device
+    chunks = ATTENTION_CHUNKS if chunks is None else chunks
     pm, rm = prompt_mask.bool(), response_mask.bool()
     if not bool(pm.any(-1).all()):
         raise ValueError("every row needs at least one prompt token")
@@ -90,27 +125,53 @@ def build_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_i
         raise ValueError("response_mask must be right-padded (ones, then zeros)")
     if bool((pm[:, :-1] & ~pm[:, 1:]).any()):
         raise ValueError("prompt_mask must be left-padded (zeros, then ones)")
-    uniq, prompt_of_row = torch.unique(torch.cat([prompt_ids * pm, pm.long()], 1), dim=0, return_inverse=True)
+    uniq, inverse = torch.unique(torch.cat([prompt_ids * pm, pm.long()], 1), dim=0, return_inverse=True)
     P, U, N, T = prompt_ids.shape[1], len(uniq), response_ids.shape[0], response_ids.shape[1]
-    u_len = uniq[:, P:].sum(-1)  # [U] real tokens per distinct prompt
+    u_order = torch.argsort(uniq[:, P:].sum(-1), stable=True)  # distinct prompts, shortest first
+    uniq = uniq[u_order]
+    rank = torch.empty_like(u_order)
+    rank[u_order] = torch.arange(U, device=device)
+    prompt_of_row = rank[inverse]
+    u_len = uniq[:, P:].sum(-1)  # [U] real tokens per distinct prompt (ascending)
     Pm = int(u_len.max())
     in_len = (rm.sum(-1) - 1).clamp_min(0)  # response tokens fed as inputs (the last one predicts nothing)
     Rm = max(int(in_len.max()) if N else 0, 1)  # <= max(T - 1, 1) <= T
+    row_plen = u_len[prompt_of_row]  # [N]
+    r_order = torch.argsort(row_plen + in_len, stable=True)  # rows by key length, shortest first
 
     p_cols, r_cols = torch.arange(Pm, device=device), torch.arange(Rm, device=device)
     p_valid = p_cols[None, :] < u_len[:, None]  # [U, Pm], real tokens moved to the left
     src_cols = (P - u_len[:, None] + p_cols[None, :]).clamp_max(P - 1)
     p_tokens = uniq[:, :P].gather(1, src_cols)[p_valid]
     r_valid = r_cols[None, :] < in_len[:, None]  # [N, Rm]
-    r_tokens = response_ids[:, :Rm][r_valid]
+    rs_valid = r_valid[r_order]  # response inputs are packed row by row in r_order
+    r_tokens = response_ids[r_order][:, :Rm][rs_valid]
     Sp, Sr = len(p_tokens), len(r_tokens)
 
     prompt_gather = torch.zeros((U, Pm), dtype=torch.long, device=device)
     prompt_gather[p_valid] = torch.arange(Sp, device=device)
-    resp_gather = torch.zeros((N, Rm), dtype=torch.long, device=device)
-    resp_gather[r_valid] = torch.arange(Sr, device=device)
-    key_prompt = p_valid[prompt_of_row][:, None, :].expand(N, Rm, Pm)
-    key_resp = torch.ones(Rm, Rm, dtype=torch.bool, device=device).tril()[None].expand(N, Rm, Rm)
+    resp_sorted = torch.zeros((N, Rm), dtype=torch.long, device=device)
+    resp_sorted[rs_valid] = torch.arange(Sr, device=device)
+    resp_gather = torch.empty_like(resp_sorted)
+    resp_gather[r_order] = resp_sorted
+
+    prompt_chunks = [_PromptChunk(gather=prompt_gather[a:b, :int(u_len[b - 1])],
+                                  back=tuple(p_valid[a:b, :int(u_len[b - 1])].nonzero().unbind(1)))
+                     for a, b in _bounds(U, chunks)]
+    resp_chunks = []
+    for a, b in _bounds(N, chunks):
+        rows = r_order[a:b]
+        lp, li = row_plen[rows][:, None], in_len[rows][:, None]
+        Rc, Lc = max(int(li.max()), 1), int((lp + li).max())
+        c = torch.arange(Lc, device=device)[None, :]
+        is_p, is_r = c < lp, (c >= lp) & (c < lp + li)
+        keys = torch.where(is_p, prompt_gather[prompt_of_row[rows]].gather(1, c.clamp_max(Pm - 1).expand(len(rows), Lc)),
+                           torch.where(is_r, Sp + resp_gather[rows].gather(1, (c - lp).clamp(0, Rm - 1)), 0))
+        j = torch.arange(Rc, device=device)[None, :, None]  # query column
+        mask = is_p[:, None, :] | (is_r[:, None, :] & (c[:, None, :] - lp[:, :, None] <= j))
+        q_valid = torch.arange(Rc, device=device)[None, :] < li
+        resp_chunks.append(_ResponseChunk(queries=resp_gather[rows, :Rc], keys=keys, mask=mask[:, None],
+                                          back=tuple(q_valid.nonzero().unbind(1))))
 
     # rows of [last prompt tokens (U) | response inputs (Sr)]: token j of row n is predicted by the
     # prompt's last token (j = 0), else by response input j - 1
@@ -119,12 +180,11 @@ def build_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_i
     if T > 1:
         pred[:, 1:] = F.pad(U + resp_gather, (0, max(T - 1 - Rm, 0)))[:, :T - 1]
     return Layout(tokens=torch.cat([p_tokens, r_tokens]),
-                  positions=torch.cat([p_cols.expand(U, Pm)[p_valid], (u_len[prompt_of_row][:, None] + r_cols)[r_valid]]),
+                  positions=torch.cat([p_cols.expand(U, Pm)[p_valid], (row_plen[:, None] + r_cols)[r_order][rs_valid]]),
                   num_prompt_tokens=Sp, prompt_gather=prompt_gather, prompt_valid=p_valid,
                   last_prompt=prompt_gather[torch.arange(U, device=device), u_len - 1], resp_gather=resp_gather,
-                  prompt_of_row=prompt_of_row, resp_mask=torch.cat([key_prompt, key_resp], -1)[:, None],
-                  prompt_back=p_valid.flatten().nonzero().squeeze(1), resp_back=r_valid.flatten().nonzero().squeeze(1),
-                  predict_from=pred[rm], valid=rm)
+                  prompt_of_row=prompt_of_row, prompt_back=tuple(p_valid.nonzero().unbind(1)),
+                  prompt_chunks=prompt_chunks, resp_chunks=resp_chunks, predict_from=pred[rm], valid=rm)
 
 
 # ------------------------------------------------------------------------------------ network
@@ -215,24 +275,28 @@ def _attention(attn: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: t
     rows = torch.cat([lay.last_prompt, torch.arange(Sp, len(h), device=h.device)]) if last else None
     q = _linear(h if rows is None else h[rows], attn.q_proj).view(-1, H, d)
     q = _rope(q, cos if rows is None else cos[rows], sin if rows is None else sin[rows])
-    n_prompt_q = Sp if rows is None else len(lay.last_prompt)
     rep = H // Hkv
-    kp, vp = (t[:Sp][lay.prompt_gather].transpose(1, 2) for t in (k, v))  # [U, Hkv, Pm, d]
+    outs = []
     if last:  # each prompt's last token attends to all of its prompt
+        n_prompt_q = len(lay.last_prompt)
+        kp, vp = (t[lay.prompt_gather].transpose(1, 2) for t in (k, v))  # [U, Hkv, Pm, d]
         qp = q[:n_prompt_q, None].transpose(1, 2)  # [U, H, 1, d]
         out_p = F.scaled_dot_product_attention(qp, _repeat_kv(kp, rep), _repeat_kv(vp, rep),
                                                attn_mask=lay.prompt_valid[:, None, None, :])
-        out_p = out_p.reshape(-1, H * d)
+        outs.append(out_p.transpose(1, 2).reshape(-1, H, d))
     else:  # left-aligned prompts: plain causal attention never shows a real query a padding key
-        qp = q[:Sp][lay.prompt_gather].transpose(1, 2)
-        out_p = F.scaled_dot_product_attention(qp, _repeat_kv(kp, rep), _repeat_kv(vp, rep), is_causal=True)
-        out_p = out_p.transpose(1, 2).reshape(-1, H * d)[lay.prompt_back]
-    qr = q[n_prompt_q:][lay.resp_gather].transpose(1, 2)  # [N, H, Rm, d]
-    kr = torch.cat([kp[lay.prompt_of_row], k[Sp:][lay.resp_gather].transpose(1, 2)], 2)
-    vr = torch.cat([vp[lay.prompt_of_row], v[Sp:][lay.resp_gather].transpose(1, 2)], 2)
-    out_r = F.scaled_dot_product_attention(qr, _repeat_kv(kr, rep), _repeat_kv(vr, rep), attn_mask=lay.resp_mask)
-    out = torch.cat([out_p, out_r.transpose(1, 2).reshape(-1, H * d)[lay.resp_back]])
-    return _linear(out, attn.o_proj)
+        n_prompt_q = Sp
+        for ch in lay.prompt_chunks:
+            qp, kp, vp = (t[ch.gather].transpose(1, 2) for t in (q, k, v))  # [Uc, H*, Pc, d]
+            out_p = F.scaled_dot_product_attention(qp, _repeat_kv(kp, rep), _repeat_kv(vp, rep), is_causal=True)
+            outs.append(out_p.transpose(1, 2)[ch.back])  # real (prompt, column) cells only
+    q_resp = q[n_prompt_q:]
+    for ch in lay.resp_chunks:
+        qr = q_resp[ch.queries].transpose(1, 2)  # [Nc, H, Rc, d]
+        kr, vr = (t[ch.keys].transpose(1, 2) for t in (k, v))  # [Nc, Hkv, Lc, d]: [prompt | response inputs]
+        out_r = F.scaled_dot_product_attention(qr, _repeat_kv(kr, rep), _repeat_kv(vr, rep), attn_mask=ch.mask)
+        outs.append(out_r.transpose(1, 2)[ch.back])
+    return _linear(torch.cat(outs).reshape(-1, H * d), attn.o_proj)
 
 
 def packed_hidden(model: torch.nn.Module, lay: Layout) -> torch.Tensor:

@@ -58,7 +58,7 @@ class PackedDecoder:
             kp, vp, qp = (t[lay.prompt_gather].transpose(1, 2) for t in (k, v, q))  # [U, H*, Pm, d]
             rep = d.heads // d.kv_heads
             out = F.scaled_dot_product_attention(qp, _repeat_kv(kp, rep), _repeat_kv(vp, rep), is_causal=True)
-            out = out.transpose(1, 2).reshape(-1, d.heads * d.head_dim)[lay.prompt_back]
+            out = out.transpose(1, 2)[lay.prompt_back].reshape(-1, d.heads * d.head_dim)
             x = x + _linear(out, attn.o_proj)
             x = x + self._mlp(layer, x)
             for store, t in ((self.keys, kp), (self.values, vp)):
