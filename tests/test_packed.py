@@ -149,13 +149,18 @@ class _Tok:
 
 @pytest.mark.parametrize("make", [_llama, _qwen2], ids=["llama-gqa", "qwen2-bias"])
 @pytest.mark.parametrize("greedy", [False, True], ids=["sampled", "greedy"])
-def test_packed_decoder_samples_what_the_hf_cache_samples(make, greedy, one_thread):
+@pytest.mark.parametrize("group_size", [4, 1], ids=["shared-prompts", "distinct-prompts"])
+def test_packed_decoder_samples_what_the_hf_cache_samples(make, greedy, group_size, one_thread):
     """Same tokens, and mu / top-K / entropy to float rounding, with duplicated prompts of different
-    lengths and rows finishing early (a third of the vocabulary stops a row, so compaction runs)."""
+    lengths and rows finishing early (a third of the vocabulary stops a row, so compaction runs).
+    Shared prompts run ``SharedPromptDecoder`` (prompt keys once per prompt), distinct ones ``RowDecoder``."""
+    from tokentrust.rollout import packed_decode
     from tokentrust.rollout.hf import HFRollout
 
     model = make().eval()
-    batch = _batch(seed=5, groups=4, group_size=4)
+    batch = _batch(seed=5, groups=4 if group_size > 1 else 12, group_size=group_size)
+    decoder = packed_decode.PackedDecoder(model, batch.prompt_ids, batch.prompt_mask, 2)
+    assert isinstance(decoder, packed_decode.SharedPromptDecoder if group_size > 1 else packed_decode.RowDecoder)
     out = {}
     for packed in (False, True):
         r = HFRollout(model, _Tok(), max_new_tokens=12, temperature=0.8, top_p=0.95, record_topk=3,
