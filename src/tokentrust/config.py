@@ -308,6 +308,20 @@ PRESETS["tiny-arith-headroom"] = deep_merge(PRESETS["tiny-arith"], {
 })
 
 
+# The off-policy variant of the headroom regime (issue 18, chosen by stages 3 and 5-7 of
+# docs/results/headroom-sweep/): batches sampled by the weights of 4 steps earlier, 2 epochs x 4
+# minibatches = 8 updates per batch at lr 6e-5, 250 steps, mismatch logged. There DPPO-TV masks
+# ~1.2% of tokens, the reward rises and held-out greedy pass@1 gains ~0.1 (at lr 5e-5 the mask
+# stayed just under 1%).
+PRESETS["tiny-arith-offpolicy"] = deep_merge(PRESETS["tiny-arith-headroom"], {
+    "max_steps": 250,
+    "out_dir": "runs/tiny-arith-offpolicy",
+    "rollout": {"staleness": 4},
+    "optim": {"lr": 6e-5, "ppo_epochs": 2, "minibatches": 4},
+    "log": {"mismatch": True, "checkpoint_every": 50},
+})
+
+
 def parse_set(assignments: list[str]) -> dict[str, Any]:
     """``["algo.delta=0.2", "task.name=gsm8k"]`` -> nested dict; values parse as JSON, else strings."""
     out: dict[str, Any] = {}
