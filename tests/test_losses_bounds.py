@@ -389,14 +389,13 @@ def test_methods_entries_for_caps_competitors_and_hybrid(tmp_path):
     assert {METHODS[n]["family"] for n in ("bandpo", "bandpo-relax", "dcpo")} == {"baseline"}
 
 
-def test_hybrid_preregistration_grid_is_declared_and_cannot_run_unedited(tmp_path):
+def test_hybrid_preregistration_grid_is_declared_and_runs_in_the_chosen_regime(tmp_path):
     """The pre-registered grid loads, names only registered methods, fresh seeds (2000+, used by no grid
-    preset), av-hybrid vs av-freq-norm as its primary comparison, and refuses to run until its
-    placeholder regime is replaced."""
+    preset), av-hybrid vs av-freq-norm as its primary comparison, and its placeholder regime has been
+    replaced by the off-policy regime issue 18 chose (the one permitted edit)."""
     from pathlib import Path
 
     from tokentrust.compare import GRID_PRESETS, METHODS, load_grid, run_configs
-    from tokentrust.config import ConfigError
     from tokentrust.verdicts import resolve_plan
 
     path = Path(__file__).resolve().parents[1] / "docs/results/hybrid-preregistration.grid.yaml"
@@ -408,8 +407,9 @@ def test_hybrid_preregistration_grid_is_declared_and_cannot_run_unedited(tmp_pat
     plan = resolve_plan(spec, spec["methods"], "dppo-tv")
     assert plan.declared and set(plan.comparisons.values()) == {("av-hybrid", "av-freq-norm")}
     assert plan.margins["H2"] == 0.05
-    with pytest.raises(ConfigError, match="REGIME-OF-ISSUE-18"):
-        run_configs(spec, tmp_path)
+    assert spec["preset"] == "tiny-arith-offpolicy"
+    runs = run_configs(spec, tmp_path)
+    assert len(runs) == 40 and all(cfg.rollout.staleness == 4 and cfg.max_steps == 250 for _, _, cfg in runs)
 
 
 @pytest.mark.parametrize("method", ["bandpo", "dcpo", "av-hybrid", "ppo-lowmu-exempt"])
