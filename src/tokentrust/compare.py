@@ -136,6 +136,18 @@ GRID_PRESETS: dict[str, dict[str, Any]] = {
                    "methods": ["dppo-tv", "av-freq-norm", "ppo", "av-freq-inverse", "pg-is"],
                    "seeds": _FOUR, "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
                    "overrides": {"max_steps": 40, "task": {"eval_limit": 128, "eval_samples": 4}}},
+    # The pilot of issue 18 in the off-policy headroom regime (tiny-arith-offpolicy: staleness 4, 8 updates
+    # per batch at lr 5e-5, 250 steps, greedy pass@1 on 640 held-out problems): does the regime have
+    # headroom (best method >= +0.10 over the warm start) and do the regions bind (DPPO-TV masks >= 1%)?
+    # Not confirmatory; it names the variants the confirmatory study runs. Seeds 0-3. Parts of ~25 min
+    # on 2 cores with 2 workers: 1, the primary pair, PPO and the no-region control; 2, the uncapped
+    # DPPO-TV, BandPO and the hybrid; 3, DCPO.
+    "pilot": {"preset": "tiny-arith-offpolicy",
+              "methods": ["dppo-tv", "av-freq-norm", "ppo", "pg-is", "dppo-tv-uncapped", "bandpo", "av-hybrid",
+                          "dcpo"],
+              "seeds": _FOUR, "primary": {"method": "av-freq-norm", "baseline": "dppo-tv"},
+              "parts": {"1": ["dppo-tv", "av-freq-norm", "ppo", "pg-is"],
+                        "2": ["dppo-tv-uncapped", "bandpo", "av-hybrid"], "3": ["dcpo"]}},
     # The real-model check (issue 11): SmolLM2-135M-Instruct on GSM8K, the primary pair only, 4 seeds x 8
     # steps (95-105 s per 16-sample step on 2 CPU cores, ~16 min per run). A 2% starting accuracy leaves a
     # group of 4 without an advantage 92% of the time, so the reward adds 0.2 for the asked answer form
