@@ -247,3 +247,25 @@ def test_attention_chunks_do_not_change_the_result(chunks, monkeypatch, one_thre
     lay = packed.build_layout(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
     assert len(lay.resp_chunks) == min(chunks, len(batch))
     assert sum(len(c.back[0]) for c in lay.resp_chunks) == len(lay.tokens) - lay.num_prompt_tokens
+
+
+def test_rope_equals_the_hf_formula_values_and_gradients():
+    """packed._Rope (per half, no rotate_half tensor) gives HF's x * cos + rotate_half(x) * sin
+    bit for bit in float32 (the same products and sums), and the same gradient (float64 gradcheck)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from tokentrust.packed import _Rope, _rope
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 8, generator=g)
+    ang = torch.randn(7, 4, generator=g)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    assert torch.equal(_rope(x, cos, sin), x * cos[:, None] + rotate_half(x) * sin[:, None])
+    x64 = x.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: _Rope.apply(t, cos.double(), sin.double()), (x64,))
+    xs = x.clone().requires_grad_()
+    ref = x.clone().requires_grad_()
+    w = torch.randn(x.shape, generator=g)
+    (_rope(xs, cos, sin) * w).sum().backward()
+    ((ref * cos[:, None] + rotate_half(ref) * sin[:, None]) * w).sum().backward()
+    torch.testing.assert_close(xs.grad, ref.grad, rtol=1e-6, atol=1e-6)

@@ -257,9 +257,40 @@ class _Heads:
     head_dim: int
 
 
+class _Rope(torch.autograd.Function):
+    """HF's rotary embedding x * cos + rotate_half(x) * sin of [S, heads, d], written per half
+    (out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2: the same products and sums, so the same float32
+    values) without materialising rotate_half(x), with the backward dx1 = g1 c1 + g2 s2,
+    dx2 = g2 c2 - g1 s1 (cos, sin carry no gradient: they are functions of the positions)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        c, s = cos[:, None], sin[:, None]
+        x1, x2 = x[..., :half], x[..., half:]
+        out = torch.empty_like(x)
+        torch.mul(x1, c[..., :half], out=out[..., :half]).sub_(x2 * s[..., :half])
+        torch.mul(x2, c[..., half:], out=out[..., half:]).add_(x1 * s[..., half:])
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        half = g.shape[-1] // 2
+        c, s = cos[:, None], sin[:, None]
+        g1, g2 = g[..., :half], g[..., half:]
+        dx = torch.empty_like(g)
+        torch.mul(g1, c[..., :half], out=dx[..., :half]).add_(g2 * s[..., half:])
+        torch.mul(g2, c[..., half:], out=dx[..., half:]).sub_(g1 * s[..., :half])
+        return dx, None, None
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of [S, heads, d] (HF's q * cos + rotate_half(q) * sin)."""
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+    if x.shape[-1] % 2 or cos.requires_grad or sin.requires_grad:
+        return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+    return _Rope.apply(x, cos, sin)
 
 
 def _attention(attn: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lay: Layout,
