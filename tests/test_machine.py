@@ -37,3 +37,31 @@ def test_run_directory_records_machine_at_start_and_resume(tmp_path, one_thread)
     run_training(cfg.model_copy(update={"max_steps": 2}), resume=True, quiet=True, evaluate_at_end=False)
     rec2 = json.loads((tmp_path / "run" / "machine.json").read_text())
     assert rec2["started"] == rec["started"] and len(rec2["resumed"]) == 1
+
+
+def test_code_version_names_the_commit_and_whether_tracked_files_differ(tmp_path):
+    """code_version reads the commit of the checkout a source file lives in (compared with a commit
+    made here) and flags an edited tracked file; outside a git checkout it is None."""
+    import subprocess
+
+    from tokentrust.machine import code_version
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    src = tmp_path / "pkg" / "mod.py"
+    src.parent.mkdir()
+    src.write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    head = git("rev-parse", "HEAD").strip()
+    assert code_version(str(src)) == {"commit": head, "dirty": False}
+    (tmp_path / "untracked.txt").write_text("not code")
+    assert code_version(str(src))["dirty"] is False
+    src.write_text("x = 2\n")
+    assert code_version(str(src)) == {"commit": head, "dirty": True}
+    outside = tmp_path.parent / f"{tmp_path.name}-plain" / "mod.py"
+    outside.parent.mkdir()
+    outside.write_text("")
+    assert code_version(str(outside)) is None

@@ -54,10 +54,28 @@ def machine_info() -> dict[str, Any]:
 
     info: dict[str, Any] = {"cpu": cpu_info(), "torch_threads": torch.get_num_threads(),
                             "python": sys.version.split()[0], "torch": torch.__version__,
-                            "platform": platform.platform(), "simd_note": simd_note()}
+                            "platform": platform.platform(), "simd_note": simd_note(), "code": code_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def code_version(src: str | None = None) -> dict[str, Any] | None:
+    """The git commit of the tokentrust source a run imports, and whether its tracked files differ
+    from that commit (a study's runs must share one); None outside a git checkout or without git."""
+    import subprocess
+    from pathlib import Path
+
+    where = Path(src or __file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def simd_note() -> str:
