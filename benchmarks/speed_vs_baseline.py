@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tokentrust.machine import machine_summary
+from tokentrust.train.machine import machine_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def baseline_preset(rev: str, preset: str) -> tuple[str, list[str]]:
                          capture_output=True, text=True).stdout
     if f'"{preset}"' in src:
         return preset, []
-    from tokentrust.config import PRESETS
+    from tokentrust.train.config import PRESETS
 
     parent = "tiny-arith"
     if f'"{parent}"' not in src:

@@ -34,7 +34,7 @@ _SKIP = ("final_model", "checkpoints", "tensorboard", "*.safetensors", "*.pt")
 
 def _build_report():
     try:
-        from tokentrust.study.report import build_report
+        from tokentrust.study.report.build import build_report
     except ImportError:  # the layout before tokentrust.study
         from tokentrust.report import build_report
     return build_report

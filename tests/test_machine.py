@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from conftest import tiny_overrides
-from tokentrust.config import resolve
-from tokentrust.machine import parse_cpuinfo, simd_note
-from tokentrust.trainer import run_training
+from tokentrust.train.config import resolve
+from tokentrust.train.machine import parse_cpuinfo, simd_note
+from tokentrust.train.loop import run_training
 
 X86 = """processor\t: 0
 vendor_id\t: AuthenticAMD

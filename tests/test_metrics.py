@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokentrust import metrics as M
+from tokentrust.study import metrics as M
 
 # ---------------------------------------------------------------------------------------------
 # accuracy
@@ -403,7 +403,7 @@ def test_summarize_run(tmp_path):
 
 
 def test_sequence_nll_of_a_llama_takes_the_packed_path_and_agrees():
-    """A Llama runs through tokentrust.packed (no padding, shared prompts); its NLL equals the
+    """A Llama runs through tokentrust.train.packed (no padding, shared prompts); its NLL equals the
     per-token NLL of plain unpadded forwards, one sequence at a time."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokentrust.learner import response_logprobs
-from tokentrust.packed import build_layout, packed_response_logprobs, unsupported_reason
-from tokentrust.rollout.base import RolloutBatch
+from tokentrust.train.learner import response_logprobs
+from tokentrust.train.packed import build_layout, packed_response_logprobs, unsupported_reason
+from tokentrust.train.rollout.base import RolloutBatch
 
 V = 61
 
@@ -128,7 +128,7 @@ def test_unsupported_models_are_named():
     model = _llama()
     model.gradient_checkpointing_enable()
     assert "checkpointing" in unsupported_reason(model)
-    from tokentrust.models import apply_lora
+    from tokentrust.train.models import apply_lora
 
     assert "peft" in unsupported_reason(apply_lora(_llama(), r=2, target_modules=["q_proj"]))
 
@@ -152,7 +152,7 @@ class _Tok:
 def test_packed_decoder_samples_what_the_hf_cache_samples(make, greedy, one_thread):
     """Same tokens, and mu / top-K / entropy to float rounding, with duplicated prompts of different
     lengths and rows finishing early (a third of the vocabulary stops a row, so compaction runs)."""
-    from tokentrust.rollout.hf import HFRollout
+    from tokentrust.train.rollout.hf import HFRollout
 
     model = make().eval()
     batch = _batch(seed=5, groups=4, group_size=4)
@@ -172,7 +172,7 @@ def test_packed_decoder_samples_what_the_hf_cache_samples(make, greedy, one_thre
 
 
 def test_rms_norm_backward_matches_autograd_through_the_hf_formula():
-    from tokentrust.packed import _rms_norm
+    from tokentrust.train.packed import _rms_norm
 
     torch.manual_seed(0)
     norm = torch.nn.Module()
@@ -193,6 +193,6 @@ def test_rms_norm_backward_matches_autograd_through_the_hf_formula():
 
 
 def _rms_norm32(x, w):
-    from tokentrust.packed import _RMSNorm32
+    from tokentrust.train.packed import _RMSNorm32
 
     return _RMSNorm32.apply(x, w, 1e-6)

@@ -10,8 +10,8 @@ import pytest
 rg = pytest.importorskip("reasoning_gym")
 
 from conftest import tiny_overrides  # noqa: E402
-from tokentrust.config import resolve  # noqa: E402
-from tokentrust.runlog import read_jsonl  # noqa: E402
+from tokentrust.train.config import resolve  # noqa: E402
+from tokentrust.train.rundir import read_jsonl  # noqa: E402
 from tokentrust.tasks import get_task  # noqa: E402
 from tokentrust.tasks.rg import TEST_SEED_OFFSET, extract_answer  # noqa: E402
 
@@ -90,7 +90,7 @@ def test_score_answer_is_bounded_in_time():
 
 
 def test_two_training_steps_on_a_reasoning_gym_task(tmp_path, one_thread):
-    from tokentrust.trainer import Trainer
+    from tokentrust.train.loop import Trainer
 
     over = tiny_overrides(tmp_path / "run", task={"name": "rg/chain_sum", "eval_limit": 2,
                                                   "options": {"num_train": 48, "num_test": 8, "min_terms": 2,

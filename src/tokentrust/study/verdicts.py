@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from tokentrust.inference import (
+from tokentrust.study.inference import (
     PairedResult,
     accuracy_test,
     adjust,

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from tokentrust.metrics import curve
+from tokentrust.study.metrics import curve
 
 
 def _aligned(

@@ -7,7 +7,7 @@
   frequency table's corpus (special tokens excluded). The warm start is fitted to that corpus, so
   these are tokens it does not produce; a policy that drifts into them has lost coherence.
 
-Used by ``tokentrust.evaluate`` when it evaluates and by ``scripts/backfill_eval_metrics.py`` for
+Used by ``tokentrust.study.evaluate`` when it evaluates and by ``scripts/backfill_eval_metrics.py`` for
 evaluations written before these keys existed (from the stored problems.jsonl, same outputs).
 """
 

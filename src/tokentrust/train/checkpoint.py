@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tokentrust.runlog import atomic_write_json, atomic_write_text
+from tokentrust.train.rundir import atomic_write_json, atomic_write_text
 
 
 class CheckpointError(RuntimeError):

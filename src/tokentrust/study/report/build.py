@@ -10,7 +10,7 @@ Input layout (written by the grid runner):
 
 Output: GRID_DIR/report.md, GRID_DIR/summary.csv, GRID_DIR/plots/*.png.
 
-The statistics live in `tokentrust.inference` (tests, intervals, power) and `tokentrust.verdicts`
+The statistics live in `tokentrust.study.inference` (tests, intervals, power) and `tokentrust.study.verdicts`
 (hypotheses, primary comparisons, Holm corrections); this module only loads runs and writes
 sections. See docs/statistics.md for the procedures.
 """
@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from tokentrust import report_study as study
-from tokentrust.inference import PairedResult, interval, min_signflip_p, tost_seeds_needed
-from tokentrust.metrics import load_metrics, read_jsonl, summarize_run
-from tokentrust.report_figures import section_plots
-from tokentrust.report_tables import (
+from tokentrust.study.report import sections as study
+from tokentrust.study.inference import PairedResult, interval, min_signflip_p, tost_seeds_needed
+from tokentrust.study.metrics import load_metrics, read_jsonl, summarize_run
+from tokentrust.study.report.figures import section_plots
+from tokentrust.study.report.tables import (
     ARROW,
     DEFINITIONS,
     _level,
@@ -41,7 +41,7 @@ from tokentrust.report_tables import (
     section_summary,
     write_summary_csv,
 )
-from tokentrust.verdicts import (
+from tokentrust.study.verdicts import (
     CONTRADICTED,
     EQUIVALENT,
     HYPOTHESES,

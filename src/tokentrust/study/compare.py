@@ -17,8 +17,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from tokentrust.config import ConfigError, deep_merge, load_file, resolve
-from tokentrust.runlog import Progress, atomic_write_json, read_jsonl
+from tokentrust.train.config import ConfigError, deep_merge, load_file, resolve
+from tokentrust.train.rundir import Progress, atomic_write_json, read_jsonl
 
 # Every method a grid may name. "family" groups them in the report: AV-DPPO variants are
 # what the hypotheses are about; everything else is a baseline.
@@ -433,7 +433,7 @@ def run_grid(spec: dict[str, Any], grid_dir: str | Path, *, workers: int | None 
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed; rerun the same command to retry them. First: {failures[0]}")
     if build_report:
-        from tokentrust.report import build_report as _build
+        from tokentrust.study.report.build import build_report as _build
 
         path = _build(grid_dir, baseline="dppo-tv" if "dppo-tv" in methods else next(iter(methods)))
         print(f"report: {path}")

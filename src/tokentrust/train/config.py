@@ -89,7 +89,7 @@ class RolloutConfig(_Section):
     staleness: int = Field(0, ge=0)  # k: the update at step t uses a batch sampled by the weights of step t - k
     overlap: bool = False  # sample the next batch in a background thread during the update (needs staleness >= 1)
     dtype: Literal["same", "float32", "bfloat16", "float16"] = "same"  # the rollout copy's dtype (hf only)
-    # hf backend: tokentrust.rollout.packed_decode for Llama/Qwen2 (preallocated KV cache, prompts prefilled once);
+    # hf backend: tokentrust.train.rollout.packed_decode for Llama/Qwen2 (preallocated KV cache, prompts prefilled once);
     # false = the model's own cache. The same tokens up to float rounding.
     packed_decode: bool = True
 
@@ -143,7 +143,7 @@ class OptimConfig(_Section):
     micro_batch_size: int = Field(0, ge=0)  # sequences per forward/backward (0 = whole minibatch)
     warmup_steps: int = Field(0, ge=0)
     max_nonfinite_steps: int = Field(5, ge=1)  # stop after this many consecutive non-finite loss/grad skips
-    # The learner's forward without padding and with each distinct prompt computed once (tokentrust.packed;
+    # The learner's forward without padding and with each distinct prompt computed once (tokentrust.train.packed;
     # Llama / Qwen2 without LoRA or gradient checkpointing; others fall back). Same values up to float rounding.
     packed_forward: bool = True
 

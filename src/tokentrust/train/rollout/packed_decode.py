@@ -1,4 +1,4 @@
-"""KV-cached decoding for the models ``tokentrust.packed`` supports (Llama, Qwen2), for ``HFRollout``.
+"""KV-cached decoding for the models ``tokentrust.train.packed`` supports (Llama, Qwen2), for ``HFRollout``.
 
 Hugging Face's ``DynamicCache`` grows by concatenation: every decoded token copies the whole cache
 of every layer, and that copy took a third of the rollout time of the tiny preset. Here each layer
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokentrust.packed import _Heads, _linear, _repeat_kv, _rms_norm, _rope, _rotary, build_layout
+from tokentrust.train.packed import _Heads, _linear, _repeat_kv, _rms_norm, _rope, _rotary, build_layout
 
 
 class PackedDecoder:

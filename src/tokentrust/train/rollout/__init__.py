@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from tokentrust.rollout.base import RolloutBatch
-from tokentrust.rollout.hf import HFRollout, force_into_topk, processed_logprobs
+from tokentrust.train.rollout.base import RolloutBatch
+from tokentrust.train.rollout.hf import HFRollout, force_into_topk, processed_logprobs
 
 __all__ = ["RolloutBatch", "HFRollout", "VLLMRollout", "make_rollout", "processed_logprobs", "force_into_topk"]
 
 
 def __getattr__(name: str):
     if name == "VLLMRollout":  # lazy: importing the module is cheap, but keep vLLM out of the import path
-        from tokentrust.rollout.vllm import VLLMRollout
+        from tokentrust.train.rollout.vllm import VLLMRollout
         return VLLMRollout
     raise AttributeError(name)
 
@@ -21,7 +21,7 @@ def make_rollout(kind: str, model, tokenizer, **kwargs):
     if kind == "hf":
         return HFRollout(model, tokenizer, **kwargs)
     if kind == "vllm":
-        from tokentrust.rollout.vllm import VLLMRollout
+        from tokentrust.train.rollout.vllm import VLLMRollout
         if hasattr(model, "state_dict"):  # an HF policy: save it and start an engine on the copy
             if "workdir" not in kwargs:
                 raise ValueError("make_rollout('vllm', <HF model>, ...) needs workdir= to save the policy for vLLM")

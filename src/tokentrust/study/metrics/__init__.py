@@ -1,11 +1,11 @@
 """Experiment metrics: accuracy, stability, rare-token diversity, coherence and trust-region
-diagnostics (inference over seeds lives in `tokentrust.inference`). Log reading lives in
-`tokentrust.metric_logs` and the stability metrics in `tokentrust.stability`; both are re-exported
-here, so `tokentrust.metrics.<name>` keeps working.
+diagnostics (inference over seeds lives in `tokentrust.study.inference`). Log reading lives in
+`tokentrust.study.metrics.curves` and the stability metrics in `tokentrust.study.metrics.stability`; both are re-exported
+here, so `tokentrust.study.metrics.<name>` keeps working.
 
 Everything here is a pure function of logged data (RUN_DIR/metrics.jsonl, eval/results.json) or of
 a frozen model; nothing touches trainer state. `summarize_run` turns one run directory into one
-flat dict of scalar metrics, the row that `tokentrust.report` aggregates over seeds.
+flat dict of scalar metrics, the row that `tokentrust.study.report.build` aggregates over seeds.
 
 Conventions:
 - Curves are read in step order; missing / non-finite values are skipped, not imputed.
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tokentrust.metric_logs import Record, _finite, _values, curve, load_metrics, read_jsonl  # noqa: F401
-from tokentrust.stability import (  # noqa: F401  (re-exported: metrics was one module)
+from tokentrust.study.metrics.curves import Record, _finite, _values, curve, load_metrics, read_jsonl  # noqa: F401
+from tokentrust.study.metrics.stability import (  # noqa: F401  (re-exported: metrics was one module)
     collapse_events,
     drawdown_smoothed,
     entropy_trajectory,
@@ -199,7 +199,7 @@ def sequence_nll(
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0.0
-    from tokentrust.packed import packed_response_logprobs, unsupported_reason
+    from tokentrust.train.packed import packed_response_logprobs, unsupported_reason
 
     try:
         if unsupported_reason(model) is None and bool((response_mask[:, 1:] <= response_mask[:, :-1]).all()):

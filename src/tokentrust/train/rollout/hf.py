@@ -19,9 +19,9 @@ import inspect
 
 import torch
 
-from tokentrust.packed import unsupported_reason
-from tokentrust.rollout.base import RolloutBatch
-from tokentrust.rollout.packed_decode import PackedDecoder
+from tokentrust.train.packed import unsupported_reason
+from tokentrust.train.rollout.base import RolloutBatch
+from tokentrust.train.rollout.packed_decode import PackedDecoder
 
 
 def processed_logprobs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
@@ -202,7 +202,7 @@ class HFRollout:
         self.record_topk, self.record_entropy = int(record_topk), bool(record_entropy)
         self.add_special_tokens = add_special_tokens
         self.compact, self.dedup_prompts = compact, dedup_prompts
-        self.packed = packed  # PackedDecoder for the models tokentrust.packed supports
+        self.packed = packed  # PackedDecoder for the models tokentrust.train.packed supports
         self.eos_ids = list(stop_token_ids) if stop_token_ids else eos_token_ids(model, tokenizer)
         self.pad_id = pad_token_id(tokenizer)
         self._logits_kwarg = _logits_kwarg(model)
@@ -239,7 +239,7 @@ class HFRollout:
 
     def _decoder(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int):
         """The KV-cached forward: ``PackedDecoder`` (preallocated cache, distinct prompts prefilled once
-        without padding) for the models ``tokentrust.packed`` supports, else the model's own cache."""
+        without padding) for the models ``tokentrust.train.packed`` supports, else the model's own cache."""
         if self.packed and unsupported_reason(self.model) is None:
             return PackedDecoder(self.model, prompt_ids, prompt_mask, max_new_tokens)
         return _HFDecoder(self, prompt_ids, prompt_mask, max_new_tokens)

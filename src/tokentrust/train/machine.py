@@ -80,7 +80,7 @@ def record_machine(run_dir, resumed: bool = False) -> dict[str, Any]:
     import json
     from pathlib import Path
 
-    from tokentrust.runlog import atomic_write_json
+    from tokentrust.train.rundir import atomic_write_json
 
     path = Path(run_dir) / "machine.json"
     record = {"started": machine_info(), "resumed": []}

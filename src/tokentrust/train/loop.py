@@ -24,14 +24,14 @@ from typing import Any
 
 import torch
 
-from tokentrust import checkpoint as ckpt
-from tokentrust.collector import BatchPipeline, Collector, ScoredBatch, group_advantages, token_tables  # noqa: F401
-from tokentrust.config import RunConfig
-from tokentrust.diagnostics import mechanism_metrics
-from tokentrust.learner import Learner, NonFiniteError  # noqa: F401  (NonFiniteError: part of this module's API)
-from tokentrust.machine import record_machine
-from tokentrust.rollout.weights import RolloutWeights
-from tokentrust.runlog import JsonlWriter, Progress, Trackers, atomic_write_json, read_jsonl, truncate_jsonl
+from tokentrust.train import checkpoint as ckpt
+from tokentrust.train.collector import BatchPipeline, Collector, ScoredBatch, group_advantages, token_tables  # noqa: F401
+from tokentrust.train.config import RunConfig
+from tokentrust.train.diagnostics import mechanism_metrics
+from tokentrust.train.learner import Learner, NonFiniteError  # noqa: F401  (NonFiniteError: part of this module's API)
+from tokentrust.train.machine import record_machine
+from tokentrust.train.rollout.weights import RolloutWeights
+from tokentrust.train.rundir import JsonlWriter, Progress, Trackers, atomic_write_json, read_jsonl, truncate_jsonl
 from tokentrust.vocab import FrequencyTable, TokenInfo
 
 TIMING_PHASES = ("generate", "score", "forward_backward", "loss", "other")
@@ -62,7 +62,7 @@ class Trainer:
     """Builds task, model, collector and learner from a config and runs the loop."""
 
     def __init__(self, cfg: RunConfig, *, resume: bool = False, quiet: bool = False):
-        from tokentrust.policy import build_policy
+        from tokentrust.train.policy import build_policy
         from tokentrust.tasks import get_task
 
         self.cfg = cfg
@@ -106,7 +106,7 @@ class Trainer:
         return task_options(self.cfg)
 
     def _frequency_table(self) -> FrequencyTable:
-        from tokentrust.policy import frequency_table_for
+        from tokentrust.train.policy import frequency_table_for
 
         th = self.cfg.algo.thresholds
         return frequency_table_for(self.tokenizer, self.task, table_path=th.table, corpus=th.table_corpus,
@@ -114,7 +114,7 @@ class Trainer:
 
     def _build_collector(self) -> Collector:
         """The rollout side: its weights (own copy when stale or in another dtype) and sampler."""
-        from tokentrust.rollout import make_rollout
+        from tokentrust.train.rollout import make_rollout
 
         cfg = self.cfg
         r = cfg.rollout
@@ -288,12 +288,12 @@ class Trainer:
 
     def finish(self) -> dict[str, Any] | None:
         """End-of-run evaluation on the task's test split; writes eval/ and the DONE marker."""
-        from tokentrust.models import save_model
+        from tokentrust.train.models import save_model
 
         save_model(self.model, self.tokenizer, self.out / "final_model")  # loadable by `tokentrust eval --model`
         results = None
         if self.cfg.task.eval_limit > 0:
-            from tokentrust.evaluate import evaluate
+            from tokentrust.study.evaluate import evaluate
 
             results = evaluate(self.model, self.tokenizer, self.task, out_dir=self.out / "eval",
                                split=self.cfg.task.eval_split, limit=self.cfg.task.eval_limit,
@@ -307,7 +307,7 @@ class Trainer:
 
     def _initial_model(self):
         """The model before RL (for the coherence NLL), or None when it cannot be rebuilt cheaply."""
-        from tokentrust.policy import build_policy
+        from tokentrust.train.policy import build_policy
 
         if self.ref_model is not None:
             return self.ref_model

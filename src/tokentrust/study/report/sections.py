@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from tokentrust import report_plots as plots
-from tokentrust.inference import adjust, mean_interval
+from tokentrust.study.report import plots as plots
+from tokentrust.study.inference import adjust, mean_interval
 
 DOSE_METRICS: tuple[tuple[str, int], ...] = (
     ("eval/greedy_pass@1", +1),
@@ -64,7 +64,7 @@ REFERENCE_METRICS = ("eval/greedy_pass@1", "eval/mean@k", "eval/pass@k", "eval/a
 
 def section_reference(d: Any) -> list[str]:
     """The warm start every run begins from, evaluated as the runs are (GRID_DIR/warm_start/)."""
-    from tokentrust.metrics import summarize_eval
+    from tokentrust.study.metrics import summarize_eval
 
     p = d.path / "warm_start" / "eval" / "results.json"
     if not p.exists():
@@ -113,7 +113,7 @@ def trend(points: list[tuple[float, Any, float]]) -> tuple[float, float, float, 
 
     Pooling the (dose, seed) runs in one OLS (`trend_fixed_effects`) treats runs as independent and
     is anti-conservative when slopes vary between seeds; it is shown as a description only."""
-    from tokentrust.inference import paired_test
+    from tokentrust.study.inference import paired_test
 
     by_seed: dict[Any, list[tuple[float, float]]] = {}
     for x, s, y in points:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from tokentrust.config import RunConfig
+from tokentrust.train.config import RunConfig
 from tokentrust.vocab import (FORMAT_VERSION, FrequencyTable, VocabMismatchError, build_frequency_table,
                               special_token_ids)
 
@@ -28,7 +28,7 @@ def build_policy(cfg: RunConfig, task: Any, device: torch.device) -> tuple[torch
     """The model and tokenizer named by ``cfg.model`` (the tiny preset is built and cached)."""
     from transformers.utils import logging as hf_logging
 
-    from tokentrust import models
+    from tokentrust.train import models
 
     hf_logging.disable_progress_bar()  # per-shard bars would drown the training progress bar
     m = cfg.model

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from tokentrust.config import RunConfig
-from tokentrust.learner import logprobs_by_micro_batch, step_generator, use_packed
-from tokentrust.rollout.base import RolloutBatch
-from tokentrust.rollout.weights import RolloutWeights
+from tokentrust.train.config import RunConfig
+from tokentrust.train.learner import logprobs_by_micro_batch, step_generator, use_packed
+from tokentrust.train.rollout.base import RolloutBatch
+from tokentrust.train.rollout.weights import RolloutWeights
 from tokentrust.thresholds import BatchFrequencyState, compute_thresholds
 from tokentrust.vocab import FrequencyTable, TokenInfo
 
@@ -112,7 +112,7 @@ class Collector:
         return out
 
     def collect(self, index: int) -> ScoredBatch:
-        from tokentrust.prompting import format_prompt
+        from tokentrust.train.prompting import format_prompt
 
         cfg = self.cfg
         g = cfg.rollout.group_size

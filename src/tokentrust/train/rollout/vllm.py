@@ -10,7 +10,7 @@ What makes vLLM's numbers usable as mu:
 * ``SamplingParams(logprobs=K)`` returns, per generated position, a dict ``{token_id: Logprob}``
   with the K most probable tokens plus the sampled one (K + 1 entries when it is outside the top
   K); ``logprobs=0`` returns the sampled token alone. We read mu's top-K from it and force the
-  sampled token in, exactly as :func:`tokentrust.rollout.hf.force_into_topk` does.
+  sampled token in, exactly as :func:`tokentrust.train.rollout.hf.force_into_topk` does.
 * Entropy: vLLM never returns the full distribution, so ``behavior_entropy`` is the entropy of the
   returned top-K with the remaining mass lumped into one outcome: a lower bound of the true entropy
   (merging outcomes can only lower entropy), exact when the top-K covers mu's support
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from tokentrust.rollout.base import RolloutBatch
-from tokentrust.rollout.hf import eos_token_ids, left_pad, pad_token_id
+from tokentrust.train.rollout.base import RolloutBatch
+from tokentrust.train.rollout.hf import eos_token_ids, left_pad, pad_token_id
 
 
 def _import_vllm():
@@ -166,7 +166,7 @@ class VLLMRollout:
     @classmethod
     def from_hf_model(cls, model, tokenizer, workdir: str | os.PathLike, **kwargs) -> VLLMRollout:
         """Save the HF policy to ``workdir`` and start a vLLM engine on it (weights synced later)."""
-        from tokentrust.models import save_model
+        from tokentrust.train.models import save_model
 
         path = save_model(model, tokenizer, Path(workdir))
         return cls(str(path), tokenizer, **kwargs)

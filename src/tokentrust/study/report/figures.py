@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from tokentrust import report_plots as plots
-from tokentrust.inference import mean_interval
-from tokentrust.report_study import bucket_ids
-from tokentrust.report_tables import _level, _short, per_seed
-from tokentrust.verdicts import HYPOTHESES
+from tokentrust.study.report import plots as plots
+from tokentrust.study.inference import mean_interval
+from tokentrust.study.report.sections import bucket_ids
+from tokentrust.study.report.tables import _level, _short, per_seed
+from tokentrust.study.verdicts import HYPOTHESES
 
 Panel = list[tuple[str, float, float, float, bool]]
 

@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from tokentrust.config import RunConfig, loss_params
-from tokentrust.diagnostics import (BucketStats, EpochStats, MaskedTokenCounter, RunningMean, TrustRegionStats,
+from tokentrust.train.config import RunConfig, loss_params
+from tokentrust.train.diagnostics import (BucketStats, EpochStats, MaskedTokenCounter, RunningMean, TrustRegionStats,
                                     mismatch_metrics)
 from tokentrust.logits import gather_logprobs, sampled_logprobs
 from tokentrust.losses import get_loss
 from tokentrust.losses.core import aggregate
-from tokentrust.packed import packed_response_logprobs, unsupported_reason
-from tokentrust.rollout.base import RolloutBatch
+from tokentrust.train.packed import packed_response_logprobs, unsupported_reason
+from tokentrust.train.rollout.base import RolloutBatch
 
 
 class NonFiniteError(RuntimeError):
@@ -48,7 +48,7 @@ def response_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: 
 
     Only the response positions' logits are computed (``logits_to_keep``), and the log-softmax
     is taken in chunks, so no extra full [N, T, V] float32 tensor stays alive. ``packed`` runs
-    ``tokentrust.packed`` instead (no padding, each distinct prompt once; same values up to float
+    ``tokentrust.train.packed`` instead (no padding, each distinct prompt once; same values up to float
     rounding) for models it supports (see ``use_packed``).
     """
     if packed:

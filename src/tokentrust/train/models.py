@@ -222,7 +222,7 @@ def sft_warm_start(model, tokenizer, pairs: list[tuple[str, str]], *, steps: int
     """Supervised warm start: causal-LM loss on completion tokens only (prompt masked), AdamW with
     linear warmup and cosine decay to 10% of ``lr``. Returns ``{"losses": [...], "seconds": s}``.
 
-    ``packed`` (default, for models ``tokentrust.packed`` supports) computes the same loss without
+    ``packed`` (default, for models ``tokentrust.train.packed`` supports) computes the same loss without
     padding; ``packed=False`` is the plain padded forward (equal up to float rounding)."""
     if not pairs:
         raise ValueError("sft_warm_start needs at least one (prompt, completion) pair")
@@ -239,7 +239,7 @@ def sft_warm_start(model, tokenizer, pairs: list[tuple[str, str]], *, steps: int
         progress = (step - warmup) / max(1, steps - warmup)
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    from tokentrust.packed import unsupported_reason
+    from tokentrust.train.packed import unsupported_reason
 
     packed = packed and unsupported_reason(model) is None
     decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -283,8 +283,8 @@ def _padded_sft_loss(decoder, head, pairs: list[tuple[list[int], list[int]]], pa
 def _packed_sft_loss(model, pairs: list[tuple[list[int], list[int]]], pad: int, device) -> torch.Tensor:
     """Mean NLL of the completion tokens (prompts left-padded, completions right-padded, as a
     rollout batch holds them) through the packed forward."""
-    from tokentrust.packed import packed_response_logprobs
-    from tokentrust.rollout.hf import left_pad
+    from tokentrust.train.packed import packed_response_logprobs
+    from tokentrust.train.rollout.hf import left_pad
 
     prompt_ids, prompt_mask = left_pad([p for p, _ in pairs], pad)
     width = max(len(c) for _, c in pairs)

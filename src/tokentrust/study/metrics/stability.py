@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tokentrust.metric_logs import Record, _values, curve
+from tokentrust.study.metrics.curves import Record, _values, curve
 
 # ----------------------------------------------------------------------------------------------
 # stability

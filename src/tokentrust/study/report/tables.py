@@ -19,9 +19,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tokentrust.inference import mean_interval
-from tokentrust.metrics import summarize_eval
-from tokentrust.report_study import _table, fmt_general
+from tokentrust.study.inference import mean_interval
+from tokentrust.study.metrics import summarize_eval
+from tokentrust.study.report.sections import _table, fmt_general
 
 # metrics shown in the per-method table: (name, favourable direction; 0 = descriptive only)
 KEY_METRICS: tuple[tuple[str, int], ...] = (

@@ -1,0 +1,17 @@
+"""Token-frequency tables: build one from a corpus, save / load it, and read rarity, buckets and
+special tokens from it. The names below are the library's API (`from tokentrust.vocab import ...`)."""
+
+from tokentrust.vocab.table import (  # noqa: F401
+    DEFAULT_EDGES,
+    FORMAT_VERSION,
+    RARE_MASS,
+    FrequencyTable,
+    TokenInfo,
+    VocabMismatchError,
+    build_frequency_table,
+    load_tokenizer,
+    num_buckets,
+    rare_from,
+    special_token_ids,
+    tokenizer_hash,
+)
