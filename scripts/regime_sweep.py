@@ -37,7 +37,8 @@ import numpy as np
 
 from tokentrust.study.compare import METHODS, _run_one, evaluate_warm_start, run_configs, run_grid, run_status
 from tokentrust.train.config import deep_merge
-from tokentrust.study.metrics import collapse_events, load_metrics
+from tokentrust.study.metrics import collapse_events
+from tokentrust.train.rundir import load_metrics
 
 def _smooth(x: np.ndarray, w: int = 5) -> np.ndarray:
     return x if x.size < w else np.convolve(x, np.ones(w) / w, mode="valid")

@@ -58,7 +58,8 @@ def test_grid_watch_reads_run_progress_from_metrics(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from tokentrust.study.compare import _GridWatch
-    from tokentrust.train.rundir import JsonlWriter, Progress
+    from tokentrust.train.rundir import JsonlWriter
+    from tokentrust.train.tracking import Progress
 
     monkeypatch.setenv("TOKENTRUST_PROGRESS", "plain")
     runs = [("ppo", 0, SimpleNamespace(out_dir=str(tmp_path / "a"), max_steps=3), "new"),

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tokentrust.study import metrics as M
+from tokentrust.train.rundir import load_metrics
 
 # ---------------------------------------------------------------------------------------------
 # accuracy
@@ -328,14 +329,14 @@ def test_load_metrics_partial_line_and_resume(tmp_path):
         '{"step": 1, "x": 1}\n{"step": 2, "x": 2}\n{"step": 3, "x": 3}\n'
         '{"step": 2, "x": 20}\n{"step": 3, "x": 30}\n{"step": 4, "x"'
     )
-    recs = M.load_metrics(tmp_path)
+    recs = load_metrics(tmp_path)
     assert [(r["step"], r["x"]) for r in recs] == [(1, 1), (2, 20), (3, 30)]
     # a partial line that a resumed writer appended to, in the middle: skipped with a warning
     p.write_text('{"step": 1, "x": 1}\n{"step": 2, "x"{"step": 2, "x": 2}\n')
     with pytest.warns(UserWarning):
-        recs = M.load_metrics(p)
+        recs = load_metrics(p)
     assert [r["step"] for r in recs] == [1]
-    assert M.load_metrics(tmp_path / "nope") == []
+    assert load_metrics(tmp_path / "nope") == []
 
 
 def test_summarize_run(tmp_path):

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tokentrust.train.config import ConfigError, deep_merge, load_file, resolve
-from tokentrust.train.rundir import Progress, atomic_write_json, read_jsonl
+from tokentrust.train.rundir import atomic_write_json, read_jsonl
+from tokentrust.train.tracking import Progress
 
 # Every method a grid may name. "family" groups them in the report: AV-DPPO variants are
 # what the hypotheses are about; everything else is a baseline.

@@ -13,7 +13,8 @@ import torch
 from tokentrust.study import metrics as M
 from tokentrust.study.eval_metrics import task_results
 from tokentrust.train.prompting import format_prompt
-from tokentrust.train.rundir import Progress, atomic_write_json, atomic_write_text
+from tokentrust.train.rundir import atomic_write_json, atomic_write_text
+from tokentrust.train.tracking import Progress
 
 
 def _generate_all(rollout: Any, prompts: list[str], batch_size: int, *, greedy: bool, seed: int,
@@ -52,7 +53,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: Any, *, out_dir: str 
     pass@k (n = k samples; 0: greedy only, and the token statistics come from the greedy outputs).
     With a frequency ``table``: rare-token shares and distinct-n of the
     sampled generations; with a ``reference`` model: their per-token NLL under it (coherence).
-    ``progress``: show generations done and the running accuracy (``tokentrust.train.rundir.Progress``).
+    ``progress``: show generations done and the running accuracy (``tokentrust.train.tracking.Progress``).
     """
     from tokentrust.train.rollout import make_rollout
 

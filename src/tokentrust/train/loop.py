@@ -31,7 +31,8 @@ from tokentrust.train.diagnostics import mechanism_metrics
 from tokentrust.train.learner import Learner, NonFiniteError  # noqa: F401  (NonFiniteError: part of this module's API)
 from tokentrust.train.machine import record_machine
 from tokentrust.train.rollout.weights import RolloutWeights
-from tokentrust.train.rundir import JsonlWriter, Progress, Trackers, atomic_write_json, read_jsonl, truncate_jsonl
+from tokentrust.train.rundir import JsonlWriter, atomic_write_json, read_jsonl, truncate_jsonl
+from tokentrust.train.tracking import Progress, Trackers
 from tokentrust.vocab import FrequencyTable, TokenInfo
 
 TIMING_PHASES = ("generate", "score", "forward_backward", "loss", "other")

@@ -1,66 +1,15 @@
-"""Reading a run's step log (RUN_DIR/metrics.jsonl) into records and curves."""
+"""Curves of a run's step records (RUN_DIR/metrics.jsonl, read by `tokentrust.train.rundir.load_metrics`)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import warnings
+import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 Record = Mapping[str, Any]
-
-# ----------------------------------------------------------------------------------------------
-# reading logs
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Parse a JSONL file, skipping lines that are not complete JSON objects.
-
-    A crash can leave a trailing partial line, and a resumed writer may then append to it, so an
-    unparsable line anywhere is skipped (with a warning if it is not the last line).
-    """
-    out: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().split("\n")
-    bad = 0
-    for i, line in enumerate(lines):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:  # the last element has no trailing newline: a partial write
-                bad += 1
-            continue
-        if isinstance(obj, dict):
-            out.append(obj)
-    if bad:
-        warnings.warn(f"{path}: skipped {bad} malformed line(s)", stacklevel=2)
-    return out
-
-
-def load_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Step records of a run (RUN_DIR or RUN_DIR/metrics.jsonl), sorted by step.
-
-    After a resume the same step can be logged twice; the later record wins.
-    """
-    p = Path(path)
-    if p.is_dir():
-        p = p / "metrics.jsonl"
-    if not p.exists():
-        return []
-    by_step: dict[Any, dict[str, Any]] = {}
-    for i, rec in enumerate(read_jsonl(p)):
-        by_step[rec.get("step", f"_row{i}")] = rec
-    numeric = [k for k in by_step if isinstance(k, (int, float))]
-    other = [k for k in by_step if not isinstance(k, (int, float))]
-    return [by_step[k] for k in sorted(numeric)] + [by_step[k] for k in other]
 
 
 def _finite(x: Any) -> float | None:
@@ -85,3 +34,61 @@ def curve(records: Sequence[Record], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _values(records: Sequence[Record], key: str) -> np.ndarray:
     return curve(records, key)[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# per-bucket tables and correlations
+
+_BUCKET_RE = re.compile(r"^(?P<name>.+)/bucket_(?P<i>\d+)(?P<suffix>/pos|/neg)?$")
+
+
+def bucket_table(records: Sequence[Record], prefix: str = "trust_region") -> dict[str, np.ndarray]:
+    """Per-bucket metrics `<prefix>/<name>/bucket_<i>[/pos|/neg]` averaged over the steps that
+    logged them. Returns {"<name>[/pos|/neg]": float64 [num_buckets]} (NaN where never logged),
+    e.g. {"kept_frac": ..., "kept_frac/pos": ..., "delta_mean": ...}."""
+    sums: dict[str, dict[int, float]] = {}
+    counts: dict[str, dict[int, int]] = {}
+    pre = prefix.rstrip("/") + "/"
+    for r in records:
+        for k, v in r.items():
+            if not k.startswith(pre):
+                continue
+            m = _BUCKET_RE.match(k[len(pre) :])
+            x = _finite(v)
+            if m is None or x is None:
+                continue
+            name, i = m["name"] + (m["suffix"] or ""), int(m["i"])
+            sums.setdefault(name, {})
+            counts.setdefault(name, {})
+            sums[name][i] = sums[name].get(i, 0.0) + x
+            counts[name][i] = counts[name].get(i, 0) + 1
+    nb = 1 + max((i for d in sums.values() for i in d), default=-1)
+    out = {}
+    for name in sorted(sums):
+        a = np.full(nb, np.nan)
+        for i, s in sums[name].items():
+            a[i] = s / counts[name][i]
+        out[name] = a
+    return out
+
+
+def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Pearson correlation; NaN if either input is constant or there are < 2 points."""
+    a, b = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError("x and y must have the same length")
+    if a.size < 2:
+        return float("nan")
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Spearman rank correlation (Pearson of average ranks, so ties are handled)."""
+    from scipy.stats import rankdata  # lazy: the adapters' environments import this module
+
+    a, b = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError("x and y must have the same length")
+    return pearson(rankdata(a), rankdata(b))

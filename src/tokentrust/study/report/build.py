@@ -29,7 +29,8 @@ import numpy as np
 
 from tokentrust.study.report import sections as study
 from tokentrust.study.inference import PairedResult, interval, min_signflip_p, tost_seeds_needed
-from tokentrust.study.metrics import load_metrics, read_jsonl, summarize_run
+from tokentrust.study.metrics import summarize_run
+from tokentrust.train.rundir import load_metrics, read_jsonl_tolerant
 from tokentrust.study.report.figures import section_plots
 from tokentrust.study.report.tables import (
     ARROW,
@@ -122,7 +123,7 @@ def load_problems(run_dir: str | os.PathLike) -> dict[Any, tuple[float, float]]:
     if not p.exists():
         return {}
     out = {}
-    for row in read_jsonl(p):
+    for row in read_jsonl_tolerant(p):
         if "id" not in row or "greedy_correct" not in row:
             continue
         samples = [float(bool(x)) for x in row.get("samples_correct") or []]
