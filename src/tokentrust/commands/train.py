@@ -9,7 +9,7 @@ from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    from tokentrust.train.config import PRESETS
+    from tokentrust.train.presets import PRESETS
 
     p = subparsers.add_parser("train", help="train a policy with RL (default: the tiny-arith preset)",
                               description="Train one run. Precedence: preset < --config < --set < --out/--max-steps.")
