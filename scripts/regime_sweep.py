@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from tokentrust.study.compare import METHODS, _run_one, evaluate_warm_start, run_configs, run_grid, run_status
+from tokentrust.study.compare import _run_one, evaluate_warm_start, run_configs, run_grid, run_status
+from tokentrust.study.methods import METHODS
 from tokentrust.train.config import deep_merge
 from tokentrust.study.metrics import collapse_events
 from tokentrust.train.rundir import load_metrics

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from conftest import tiny_overrides
-from tokentrust.study.compare import METHODS, expand_methods, load_grid, run_configs
+from tokentrust.study.compare import expand_methods, load_grid, run_configs
+from tokentrust.study.methods import METHODS
 
 
 def _grid_file(tmp_path, methods=("ppo", "av-freq-norm"), seeds=(0, 1)):

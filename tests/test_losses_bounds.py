@@ -369,7 +369,8 @@ def test_committed_grids_keep_their_meaning():
 
 
 def test_methods_entries_for_caps_competitors_and_hybrid(tmp_path):
-    from tokentrust.study.compare import METHODS, run_configs
+    from tokentrust.study.compare import run_configs
+    from tokentrust.study.methods import METHODS
 
     names = ["dppo-tv", "dppo-kl", "dppo-tv-uncapped", "dppo-kl-uncapped", "av-freq-norm", "av-freq-norm-uncapped",
              "av-hybrid", "bandpo", "bandpo-relax", "dcpo", "ppo-lowmu-exempt"]
@@ -395,7 +396,9 @@ def test_hybrid_preregistration_grid_is_declared_and_cannot_run_unedited(tmp_pat
     placeholder regime is replaced."""
     from pathlib import Path
 
-    from tokentrust.study.compare import GRID_PRESETS, METHODS, load_grid, run_configs
+    from tokentrust.study.compare import load_grid, run_configs
+    from tokentrust.study.grids import GRID_PRESETS
+    from tokentrust.study.methods import METHODS
     from tokentrust.train.config import ConfigError
     from tokentrust.study.verdicts import resolve_plan
 
@@ -417,7 +420,7 @@ def test_new_methods_train_end_to_end(tmp_path, method, one_thread):
     """Each new METHODS entry runs through the trainer (config -> loss keywords -> metrics): two steps,
     finite losses, its own metric logged, the resolved config as declared."""
     from conftest import tiny_overrides
-    from tokentrust.study.compare import METHODS
+    from tokentrust.study.methods import METHODS
     from tokentrust.train.config import resolve
     from tokentrust.train.rundir import read_jsonl
     from tokentrust.train.loop import run_training
