@@ -1,4 +1,5 @@
-"""Token-frequency tables: build from a corpus, save/load safely, rarity and frequency buckets.
+"""The token-frequency table: save/load safely, rarity and frequency buckets (built by
+`tokentrust.vocab.build`).
 
 A `FrequencyTable` holds the unigram counts of every token id of one tokenizer over a reference
 corpus. AV-DPPO turns it into a per-token rarity rho(v) = -log f(v) (f = add-alpha smoothed
@@ -13,63 +14,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from tokentrust.vocab.tokenizer import _tokenizer_display_name, tokenizer_hash
+
 FORMAT_VERSION = 2  # 2: special token ids recorded
 DEFAULT_EDGES: tuple[float, ...] = (0.5, 0.8, 0.95, 0.99)
 RARE_MASS = 0.95  # "rare" = beyond this share of the corpus token mass (or unseen)
-_JSONL_SUFFIXES = (".jsonl", ".ndjson")
-_TEXT_SUFFIXES = (".txt", ".text", ".md")
 
 
 class VocabMismatchError(ValueError):
     """A frequency table was built with a different tokenizer than the one in use."""
-
-
-# ----------------------------------------------------------------------------------------------
-# tokenizer helpers
-
-
-def load_tokenizer(name_or_path: str | os.PathLike, gguf_file: str | None = None) -> Any:
-    """Load a Hugging Face tokenizer from a hub id, a folder, a folder holding one GGUF file, or a
-    `.gguf` file path (the tokenizer is read from the GGUF metadata)."""
-    from transformers import AutoTokenizer
-
-    path = Path(name_or_path)
-    if gguf_file is None and path.suffix == ".gguf" and path.is_file():
-        path, gguf_file = path.parent, path.name
-    if gguf_file is None and path.is_dir() and not (path / "tokenizer.json").exists():
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            gguf_file = ggufs[0]
-    if gguf_file is not None:
-        return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
-    return AutoTokenizer.from_pretrained(str(name_or_path))
-
-
-def tokenizer_hash(tokenizer: Any) -> str:
-    """sha256 of the tokenizer's (token, id) table, so the same vocabulary loaded from two
-    different paths (hub id vs local copy vs GGUF) is recognised as the same."""
-    vocab = tokenizer.get_vocab()
-    items = sorted(vocab.items(), key=lambda kv: (kv[1], kv[0]))
-    blob = json.dumps(items, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()
-
-
-def special_token_ids(tokenizer: Any) -> list[int]:
-    """Ids of the tokenizer's special tokens: EOS, BOS, pad, unk and every added token marked
-    special (chat-template markers such as ``<|im_start|>``). Sorted, unique."""
-    ids = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []) if i is not None}
-    for i, tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
-        if getattr(tok, "special", False):
-            ids.add(int(i))
-    return sorted(i for i in ids if 0 <= i < len(tokenizer))
 
 
 def num_buckets(edges: Sequence[float] = DEFAULT_EDGES) -> int:
@@ -100,10 +61,6 @@ class TokenInfo:
     def to(self, device: torch.device | str) -> TokenInfo:
         return TokenInfo(self.rarity.to(device), self.bucket.to(device), self.rare.to(device),
                          self.special.to(device), self.num_buckets, self.rho_ref)
-
-
-def _tokenizer_display_name(tokenizer: Any) -> str:
-    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,161 +364,3 @@ def _check_edges(edges: Sequence[float]) -> torch.Tensor:
     if e.numel() == 0 or bool((e <= 0).any() | (e >= 1).any()) or bool((e[1:] <= e[:-1]).any()):
         raise ValueError(f"bucket edges must be strictly increasing in (0, 1), got {list(edges)}")
     return e
-
-
-# ----------------------------------------------------------------------------------------------
-# building
-
-
-def _iter_source_docs(
-    source: Any,
-    fields: list[str],
-    on_error: str,
-    text_unit: str,
-    stats: dict[str, int],
-) -> Iterator[str]:
-    """Documents of one source: a text/JSONL file path, a directory of them, or an iterable of str."""
-    if not isinstance(source, (str, os.PathLike)):
-        for i, doc in enumerate(source):
-            if not isinstance(doc, str):
-                raise TypeError(f"document {i} of an in-memory source is {type(doc).__name__}, not str")
-            yield doc
-        return
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _JSONL_SUFFIXES + _TEXT_SUFFIXES)
-        if not files:
-            raise ValueError(f"no .jsonl/.txt files under {path}")
-        for p in files:
-            yield from _iter_source_docs(p, fields, on_error, text_unit, stats)
-        return
-    if not path.is_file():
-        raise FileNotFoundError(f"corpus file not found: {path}")
-    try:
-        if path.suffix in _JSONL_SUFFIXES:
-            with open(path, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                        if not isinstance(row, dict):
-                            raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-                        missing = [k for k in fields if row.get(k) is None]
-                        if missing:
-                            raise ValueError(f"missing field(s) {missing}")
-                        yield "\n".join(str(row[k]) for k in fields)
-                    except ValueError as e:  # json.JSONDecodeError is a ValueError
-                        if on_error == "raise":
-                            raise ValueError(f"{path}:{lineno}: malformed JSONL line: {e}") from None
-                        stats["skipped_lines"] += 1
-        elif text_unit == "file":
-            yield path.read_text(encoding="utf-8")
-        else:
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    line = line.rstrip("\r\n")
-                    if line.strip():
-                        yield line
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 ({e})") from None
-
-
-def build_frequency_table(
-    tokenizer: Any,
-    sources: str | os.PathLike | Iterable[Any],
-    *,
-    field: str = "text",
-    batch_size: int = 1000,
-    max_docs: int | None = None,
-    tokenizer_name: str | None = None,
-    on_error: str = "raise",
-    text_unit: str = "line",
-    progress: Callable[[int, int], None] | None = None,
-) -> FrequencyTable:
-    """Count the tokens of a corpus with `tokenizer` (no special tokens added).
-
-    `sources` is one source or a list of them. A source is a path (str/PathLike) to a JSONL file
-    (`.jsonl`/`.ndjson`: the value of `field`; "question,answer" joins several fields with a
-    newline), a text file (one document per non-empty line, or the whole file with
-    text_unit="file"), a directory of such files, or any other iterable of document strings.
-    Malformed JSONL lines raise ValueError with file:line, or are skipped and counted in
-    meta["skipped_lines"] with on_error="skip". The vocabulary size is len(tokenizer).
-    `progress(docs, tokens)` is called after each batch of documents is counted.
-    """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if text_unit not in ("line", "file"):
-        raise ValueError(f"text_unit must be 'line' or 'file', got {text_unit!r}")
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    fields = [f.strip() for f in field.split(",") if f.strip()]
-    if not fields:
-        raise ValueError(f"empty field spec {field!r}")
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    sources = list(sources)
-
-    vocab_size = len(tokenizer)
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    hasher = hashlib.sha256()
-    hasher.update(f"tokentrust-corpus-v1 fields={','.join(fields)}\n".encode())
-    stats = {"skipped_lines": 0}
-    num_docs = 0
-    descriptions = []
-
-    def flush(batch: list[str]) -> None:
-        ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
-        flat = np.fromiter((t for seq in ids for t in seq), dtype=np.int64)
-        if flat.size:
-            if int(flat.max()) >= vocab_size or int(flat.min()) < 0:
-                raise ValueError(f"tokenizer produced id {int(flat.max())} outside len(tokenizer)={vocab_size}")
-            counts[:] += np.bincount(flat, minlength=vocab_size)
-        stats["tokens"] = stats.get("tokens", 0) + int(flat.size)
-        if progress is not None:
-            progress(num_docs, stats["tokens"])
-
-    batch: list[str] = []
-    done = False
-    for src in sources:
-        if isinstance(src, (str, os.PathLike)):
-            desc = str(src)
-            if Path(src).suffix in _JSONL_SUFFIXES or Path(src).is_dir():
-                desc += f"[{','.join(fields)}]"
-        else:
-            desc = f"<{type(src).__name__}>"
-        descriptions.append(desc)
-        for doc in _iter_source_docs(src, fields, on_error, text_unit, stats):
-            b = doc.encode("utf-8")
-            hasher.update(len(b).to_bytes(8, "little"))
-            hasher.update(b)
-            batch.append(doc)
-            num_docs += 1
-            if len(batch) >= batch_size:
-                flush(batch)
-                batch = []
-            if max_docs is not None and num_docs >= max_docs:
-                done = True
-                break
-        if done:
-            break
-    if batch:
-        flush(batch)
-
-    name = tokenizer_name or _tokenizer_display_name(tokenizer)
-    return FrequencyTable(
-        counts=torch.from_numpy(counts),
-        tokenizer_name=name,
-        vocab_size=vocab_size,
-        fingerprint=hasher.hexdigest(),
-        source="; ".join(descriptions),
-        tokenizer_hash=tokenizer_hash(tokenizer),
-        special_ids=special_token_ids(tokenizer),
-        meta={
-            "num_docs": num_docs,
-            "skipped_lines": stats["skipped_lines"],
-            "field": ",".join(fields),
-            "max_docs": max_docs,
-            "text_unit": text_unit,
-        },
-    )
