@@ -219,7 +219,8 @@ def test_bad_primary_spec_and_missing_baseline_raise(tmp_path):
 
 
 def test_runs_still_training_are_left_out_and_named(tmp_path):
-    from tokentrust.study.report.build import build_report, load_grid
+    from tokentrust.study.report.build import build_report
+    from tokentrust.study.report.data import load_grid
 
     g = _make_grid(tmp_path / "grid", GOOD, POOR, seeds=(0, 1, 2))
     partial = g / "runs" / BASE / "seed_9"
@@ -312,7 +313,7 @@ def test_declared_margins_reach_the_verdicts(tmp_path):
 
 def test_inconclusive_states_the_seeds_equivalence_would_need(tmp_path):
     from tokentrust.study.inference import tost_seeds_needed
-    from tokentrust.study.report.build import analyse
+    from tokentrust.study.report.data import analyse
 
     grid = _make_grid(tmp_path / "g", POOR, POOR, seeds=(0, 1, 2))
     para = _first_paragraph(build_report(grid, baseline=BASE).read_text())

@@ -95,6 +95,24 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: Any, *, out_dir: str 
                         "pass@k": M.mean_pass_at_k(sample_ok, samples)})
     stat_rows = sample_rows or greedy_rows  # token statistics: the samples, or greedy when there are none
     responses = [r for _, r, _ in stat_rows]
+    info = _token_stats(results, responses, table, bucket_edges)
+    results.update(task_results(task, [ex.answer for ex in examples], greedy_ok, sample_ok, responses, info))
+    if reference is not None:
+        keep = [i for i, r in enumerate(responses) if r]
+        if keep:
+            results["coherence_nll"] = M.sequence_nll(reference, [stat_rows[i][0] for i in keep],
+                                                      [responses[i] for i in keep])
+    results["seconds"] = time.time() - t0
+
+    if out_dir is not None:
+        _write(Path(out_dir), task, examples, greedy_rows, greedy_ok, sample_rows, sample_ok, samples, results)
+    return results
+
+
+def _token_stats(results: dict[str, Any], responses: list[list[int]], table: Any,
+                 bucket_edges: Sequence[float]) -> Any:
+    """Length, distinct-n and, with a frequency table, rare-token statistics of the responses, added
+    to ``results``; returns the table's TokenInfo (None without a table)."""
     info = None
     n_tokens = sum(len(r) for r in responses)
     results["mean_length"] = n_tokens / max(len(responses), 1)
@@ -109,27 +127,22 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: Any, *, out_dir: str 
         # rare: beyond 95% of the corpus token mass or unseen; special tokens (EOS, ...) never count
         results["rare_share"] = float(info.rare[flat].float().mean()) if flat else float("nan")
         results["distinct_rare_per_1k"] = M.distinct_rare_per_1k(flat, info.rare)
-    results.update(task_results(task, [ex.answer for ex in examples], greedy_ok, sample_ok, responses, info))
-    if reference is not None:
-        keep = [i for i, r in enumerate(responses) if r]
-        if keep:
-            results["coherence_nll"] = M.sequence_nll(reference, [stat_rows[i][0] for i in keep],
-                                                      [responses[i] for i in keep])
-    results["seconds"] = time.time() - t0
+    return info
 
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        lines = []
-        for i, ex in enumerate(examples):
-            rows = sample_rows[i * samples:(i + 1) * samples]
-            lines.append(json.dumps({
-                "id": ex.id, "question": ex.question, "gold": ex.answer, "answer_class": task.answer_class(ex.answer),
-                "greedy": greedy_rows[i][2], "greedy_correct": bool(greedy_ok[i]),
-                "greedy_token_ids": greedy_rows[i][1],
-                "samples": [r[2] for r in rows], "samples_correct": [bool(c) for c in sample_ok[i]],
-                "sample_token_ids": [r[1] for r in rows],
-            }, ensure_ascii=False))
-        atomic_write_text(out / "problems.jsonl", "\n".join(lines) + "\n")
-        atomic_write_json(out / "results.json", results)
-    return results
+
+def _write(out: Path, task: Any, examples: list[Any], greedy_rows: list[Any], greedy_ok: list[bool],
+           sample_rows: list[Any], sample_ok: list[list[bool]], samples: int, results: dict[str, Any]) -> None:
+    """OUT/problems.jsonl (each problem's completions, token ids and scores) and OUT/results.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, ex in enumerate(examples):
+        rows = sample_rows[i * samples:(i + 1) * samples]
+        lines.append(json.dumps({
+            "id": ex.id, "question": ex.question, "gold": ex.answer, "answer_class": task.answer_class(ex.answer),
+            "greedy": greedy_rows[i][2], "greedy_correct": bool(greedy_ok[i]),
+            "greedy_token_ids": greedy_rows[i][1],
+            "samples": [r[2] for r in rows], "samples_correct": [bool(c) for c in sample_ok[i]],
+            "sample_token_ids": [r[1] for r in rows],
+        }, ensure_ascii=False))
+    atomic_write_text(out / "problems.jsonl", "\n".join(lines) + "\n")
+    atomic_write_json(out / "results.json", results)
