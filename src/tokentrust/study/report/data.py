@@ -133,7 +133,7 @@ def analyse(grid_dir: str | os.PathLike, baseline: str, alpha: float) -> GridDat
     plan = resolve_plan(grid, list(runs), baseline)
     verdicts = evaluate_hypotheses(summaries, problems, plan, alpha)
     primary = {(m, b, h.primary[0]) for h in HYPOTHESES for k, (m, b) in plan.comparisons.items() if k == h.key}
-    # dose-response cells are judged by their trend (report_study), not by pairwise tests
+    # dose-response cells are judged by their trend (report.sections), not by pairwise tests
     pairwise = [m for m in runs if grid.get("methods", {}).get(m, {}).get("family") != "dose"]
     secondary = secondary_tests(summaries, problems, pairwise, baseline, primary, alpha=alpha)
     return GridData(g, grid, runs, records, summaries, problems, baseline, alpha, plan, verdicts, secondary,

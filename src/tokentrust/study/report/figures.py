@@ -2,8 +2,8 @@
 
 With many methods one axis becomes unreadable (24 curves under a legend that covers them), so
 curves and bars are small multiples: one panel per method family of grid.json, at most 6 methods a
-panel, the baseline drawn in every panel as the reference (`report_plots.panel_groups`). Means are
-over the matched seeds (`report_tables.matched_view`). The forest plot shows each method's paired
+panel, the baseline drawn in every panel as the reference (`plots.panel_groups`). Means are
+over the matched seeds (`tables.matched_view`). The forest plot shows each method's paired
 difference from the baseline on the hypotheses' primary metrics, one row per method.
 """
 
