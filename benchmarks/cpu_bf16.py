@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from tokentrust.machine import has_bf16_cpu, machine_summary
+from tokentrust.train.machine import has_bf16_cpu, machine_summary
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
 
@@ -44,10 +44,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from tokentrust.learner import response_logprobs
-    from tokentrust.models import load_model_and_tokenizer
-    from tokentrust.prompting import format_prompt
-    from tokentrust.rollout.hf import HFRollout
+    from tokentrust.train.learner import response_logprobs
+    from tokentrust.train.models import load_model_and_tokenizer
+    from tokentrust.train.prompting import format_prompt
+    from tokentrust.train.rollout.hf import HFRollout
     from tokentrust.tasks import get_task
 
     model, tok = load_model_and_tokenizer("smollm2", device="cpu")

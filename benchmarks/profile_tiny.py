@@ -26,11 +26,11 @@ from collections import defaultdict
 
 import torch
 
-from tokentrust import collector as collector_mod
-from tokentrust import learner as learner_mod
-from tokentrust import trainer as trainer_mod
-from tokentrust.config import deep_merge, parse_set, resolve
-from tokentrust.machine import machine_summary
+from tokentrust.train import collector as collector_mod
+from tokentrust.train import learner as learner_mod
+from tokentrust.train import loop as trainer_mod
+from tokentrust.train.config import deep_merge, parse_set, resolve
+from tokentrust.train.machine import machine_summary
 
 TOTALS: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
@@ -62,7 +62,7 @@ def timed(name: str, fn):
 @contextlib.contextmanager
 def instrumented():
     """Patch the loop's phases with timers for the block (restored afterwards)."""
-    from tokentrust.rollout.hf import HFRollout
+    from tokentrust.train.rollout.hf import HFRollout
 
     patches = [
         (HFRollout, "generate", "rollout: generate (KV-cached sampling)"),

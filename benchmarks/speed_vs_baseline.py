@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tokentrust.machine import machine_summary
+from tokentrust.train.machine import machine_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,11 +63,16 @@ def snapshot_checkout(dest: Path) -> Path:
 def baseline_preset(rev: str, preset: str) -> tuple[str, list[str]]:
     """The baseline's preset and ``--set`` overrides equal to this checkout's ``preset``: the preset
     itself when the baseline has it, else its parent (``tiny-arith``) plus the differences."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:src/tokentrust/config.py"], check=True,
-                         capture_output=True, text=True).stdout
+    for path in ("src/tokentrust/train/presets.py", "src/tokentrust/config.py"):  # presets before / after the layout
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True)
+        if shown.returncode == 0:
+            src = shown.stdout
+            break
+    else:
+        raise SystemExit(f"baseline {rev} has no presets file")
     if f'"{preset}"' in src:
         return preset, []
-    from tokentrust.config import PRESETS
+    from tokentrust.train.presets import PRESETS
 
     parent = "tiny-arith"
     if f'"{parent}"' not in src:

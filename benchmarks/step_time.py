@@ -16,8 +16,8 @@ import statistics
 import tempfile
 import time
 
-from tokentrust.config import deep_merge, parse_set, resolve
-from tokentrust.trainer import TIMING_PHASES, Trainer
+from tokentrust.train.config import deep_merge, parse_set, resolve
+from tokentrust.train.loop import TIMING_PHASES, Trainer
 
 
 ASYNC_MODES = {"synchronous (k=0)": {"staleness": 0, "overlap": False},

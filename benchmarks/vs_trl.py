@@ -5,7 +5,7 @@ with the GPT-2-size vocabulary of 50257 tokens; a byte-level tokenizer of that s
 locally, nothing is downloaded) with the same loss (DPPO Binary-TV, delta 0.15, no IS cap) on
 8 prompts x 8 samples x 64 new tokens per batch and two optimizer updates per batch:
 
-    ours  tokentrust.trainer.Trainer: ppo_epochs=2, minibatches=1, anchor on the rollout log-probs
+    ours  tokentrust.train.loop.Trainer: ppo_epochs=2, minibatches=1, anchor on the rollout log-probs
     trl   TokenTrustGRPOTrainer: num_iterations=2, per_device_train_batch_size=64, loss_type=dapo
           (TRL also recomputes old_per_token_logps once per batch: one extra no-grad forward)
 
@@ -70,8 +70,8 @@ def prompt_texts(n: int) -> list[str]:
 
 
 def run_ours(model_dir: str, batches: int) -> dict:
-    from tokentrust.config import resolve
-    from tokentrust.trainer import Trainer
+    from tokentrust.train.config import resolve
+    from tokentrust.train.loop import Trainer
 
     with tempfile.TemporaryDirectory() as out:
         cfg = resolve(preset="tiny-arith", overrides={

@@ -1,4 +1,4 @@
-"""Add the eval keys of ``tokentrust.eval_metrics`` to runs evaluated before they existed.
+"""Add the eval keys of ``tokentrust.study.eval_metrics`` to runs evaluated before they existed.
 
     python scripts/backfill_eval_metrics.py runs/stress-primary [--force]
 
@@ -15,9 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-from tokentrust.config import RunConfig, from_dict
-from tokentrust.eval_metrics import task_results
-from tokentrust.runlog import atomic_write_json, atomic_write_text, read_jsonl
+from tokentrust.train.config import RunConfig, from_dict
+from tokentrust.study.eval_metrics import task_results
+from tokentrust.train.rundir import atomic_write_json, atomic_write_text, read_jsonl
 
 
 def run_dirs(path: Path) -> list[Path]:
@@ -30,9 +30,9 @@ def backfill(run: Path, tables: dict, force: bool = False) -> bool:
     """Merge the new keys into ``run``/eval/results.json; False when there was nothing to do."""
     from transformers import AutoTokenizer
 
-    from tokentrust.policy import frequency_table_for
+    from tokentrust.train.policy import frequency_table_for
     from tokentrust.tasks import get_task
-    from tokentrust.trainer import task_options
+    from tokentrust.train.loop import task_options
 
     res_path, prob_path = run / "eval" / "results.json", run / "eval" / "problems.jsonl"
     results = json.loads(res_path.read_text(encoding="utf-8"))

@@ -3,7 +3,7 @@
 Runs tiny-arith grids over off-policy regimes (rollout staleness, optimizer updates per rollout
 batch, learning rate) for a few methods and seeds, then tabulates, per regime and method:
 masked fraction, mean |pi - mu|, reward at the start and end, collapses (as the report defines
-them, `tokentrust.metrics.collapse_events`) and wall time per step.
+them, `tokentrust.study.metrics.collapse_events`) and wall time per step.
 Every run is an ordinary `tokentrust compare` run directory, so the sweep resumes after an
 interruption (finished runs are skipped) and any run can be inspected or re-reported.
 
@@ -35,9 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from tokentrust.compare import METHODS, _run_one, evaluate_warm_start, run_configs, run_grid, run_status
-from tokentrust.config import deep_merge
-from tokentrust.metrics import collapse_events, load_metrics
+from tokentrust.study.compare import _run_one, evaluate_warm_start, run_configs, run_grid, run_status
+from tokentrust.study.methods import METHODS
+from tokentrust.train.config import deep_merge
+from tokentrust.study.metrics import collapse_events
+from tokentrust.train.rundir import load_metrics
 
 def _smooth(x: np.ndarray, w: int = 5) -> np.ndarray:
     return x if x.size < w else np.convolve(x, np.ones(w) / w, mode="valid")

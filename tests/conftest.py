@@ -32,7 +32,7 @@ def tiny_overrides(out_dir, **extra):
         "optim": {"lr": 1e-3, "ppo_epochs": 2, "minibatches": 2},
         "log": {"checkpoint_every": 1, "samples_every": 1, "progress": False, "tensorboard": False},
     }
-    from tokentrust.config import deep_merge
+    from tokentrust.train.config import deep_merge
 
     return deep_merge(over, extra)
 

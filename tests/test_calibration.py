@@ -3,7 +3,7 @@
 Grids are simulated the way training randomness acts: every run (method x seed) gets its own
 noise on the scalar metrics, and a run-wide logit offset on top of per-problem difficulty for the
 evaluation outcomes. Under the null both methods are the same distribution; the real verdict
-code (`tokentrust.verdicts.evaluate_hypotheses`) judges each grid. Rates are printed (run with -s)
+code (`tokentrust.study.verdicts.evaluate_hypotheses`) judges each grid. Rates are printed (run with -s)
 so they can be quoted.
 """
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tokentrust.inference import accuracy_test, interval, paired_test, shifted_pvalue, tost_pvalue
-from tokentrust.verdicts import (
+from tokentrust.study.inference import accuracy_test, interval, paired_test, shifted_pvalue, tost_pvalue
+from tokentrust.study.verdicts import (
     CONTRADICTED,
     DEFAULT_MARGINS,
     EQUIVALENT,

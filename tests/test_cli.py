@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tokentrust.cli import main
-from tokentrust.config import resolve
+from tokentrust.train.config import resolve
 
 
 def _run(*args, cwd=None):

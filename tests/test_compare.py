@@ -12,7 +12,8 @@ import time
 import pytest
 
 from conftest import tiny_overrides
-from tokentrust.compare import METHODS, expand_methods, load_grid, run_configs
+from tokentrust.study.compare import expand_methods, load_grid, run_configs
+from tokentrust.study.methods import METHODS
 
 
 def _grid_file(tmp_path, methods=("ppo", "av-freq-norm"), seeds=(0, 1)):
@@ -57,8 +58,9 @@ def test_grid_watch_reads_run_progress_from_metrics(tmp_path, monkeypatch):
     import io
     from types import SimpleNamespace
 
-    from tokentrust.compare import _GridWatch
-    from tokentrust.runlog import JsonlWriter, Progress
+    from tokentrust.study.compare import _GridWatch
+    from tokentrust.train.rundir import JsonlWriter
+    from tokentrust.train.tracking import Progress
 
     monkeypatch.setenv("TOKENTRUST_PROGRESS", "plain")
     runs = [("ppo", 0, SimpleNamespace(out_dir=str(tmp_path / "a"), max_steps=3), "new"),
@@ -132,7 +134,7 @@ def test_every_preset_grid_resolves(tmp_path):
 
 def test_a_method_may_run_fewer_seeds(tmp_path):
     """Grid presets run the primary pair with more seeds than the other methods."""
-    from tokentrust.config import ConfigError
+    from tokentrust.train.config import ConfigError
 
     spec = {"preset": "tiny-arith", "seeds": [0, 1, 2],
             "methods": ["dppo-tv", {"name": "pg-is", "seeds": [0, 1]}]}
@@ -146,7 +148,7 @@ def test_a_method_may_run_fewer_seeds(tmp_path):
 def test_auto_workers_one_per_core_on_cpu_bounded_by_runs_and_memory():
     from types import SimpleNamespace
 
-    from tokentrust.compare import auto_workers
+    from tokentrust.study.compare import auto_workers
 
     def cfg(name="tiny", device="cpu"):
         return SimpleNamespace(model=SimpleNamespace(name=name, device=device))

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from tokentrust.config import ConfigError, PRESETS, loss_params, parse_set, resolve
+from tokentrust.train.config import ConfigError, loss_params, parse_set, resolve
+from tokentrust.train.presets import PRESETS
 
 
 def test_default_is_tiny_arith():
@@ -86,7 +87,7 @@ def test_drpo_default_delta_follows_the_unirl_reference():
     unirl/algorithms/ar_drpo.py (drpo_epsilon = 12.5, paper section 4), not methods.md's DPPO default."""
     import inspect
 
-    from tokentrust.compare import METHODS
+    from tokentrust.study.methods import METHODS
     from tokentrust.losses import get_loss
 
     assert inspect.signature(get_loss("drpo")).parameters["delta"].default == 12.5
@@ -202,7 +203,7 @@ def test_algo_params_still_takes_the_losses_own_knobs():
 
 
 def test_the_adapters_refuse_the_same_shared_keys():
-    from tokentrust.config import trainer_supplied_params
+    from tokentrust.train.config import trainer_supplied_params
     from tokentrust.integrations import RESERVED_PARAMS, TokenTrustSettings
     from tokentrust.losses import CALLER_PARAMS
 

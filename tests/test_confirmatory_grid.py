@@ -3,8 +3,8 @@ primary pair with its margins and 28 paired seeds, and contain the hybrid pre-re
 
 from pathlib import Path
 
-from tokentrust.compare import load_grid, part_runs, run_configs
-from tokentrust.verdicts import DEFAULT_MARGINS, resolve_plan
+from tokentrust.study.compare import load_grid, part_runs, run_configs
+from tokentrust.study.verdicts import DEFAULT_MARGINS, resolve_plan
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
 

@@ -14,10 +14,10 @@ import time
 import pytest
 
 from conftest import tiny_overrides
-from tokentrust.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from tokentrust.config import resolve
-from tokentrust.runlog import read_jsonl
-from tokentrust.trainer import NONDETERMINISTIC_KEYS, Trainer, run_training
+from tokentrust.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from tokentrust.train.config import resolve
+from tokentrust.train.rundir import read_jsonl
+from tokentrust.train.loop import NONDETERMINISTIC_KEYS, Trainer, run_training
 
 STEPS = 8
 

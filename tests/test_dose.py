@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tokentrust.report_study import trend
+from tokentrust.study.report.sections import trend
 
 DOSES = (-1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 
@@ -41,7 +41,7 @@ def test_trend_needs_two_seeds_with_two_doses():
 def test_dose_section_reports_the_per_seed_trend(tmp_path):
     from types import SimpleNamespace
 
-    from tokentrust.report_study import section_dose
+    from tokentrust.study.report.sections import section_dose
 
     doses = {"dppo-tv-delta0.05": 0.05, "dppo-tv-delta0.1": 0.1, "dppo-tv": 0.15, "dppo-tv-delta0.3": 0.3}
     methods = {m: {"loss": "dppo-tv", "delta": x} for m, x in doses.items()}

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from tokentrust.config import resolve
-from tokentrust.trainer import Trainer
+from tokentrust.train.config import resolve
+from tokentrust.train.loop import Trainer
 from trainer_fixtures import synthetic_reward
 
 
@@ -77,7 +77,7 @@ def test_per_epoch_masking_and_most_masked_tokens(tmp_path, one_thread):
 
 def test_bucket_delta_is_logged_only_for_losses_with_a_threshold():
     """Regression: ppo / pg-is (no delta) logged a mean threshold of 0 per bucket."""
-    from tokentrust.diagnostics import BucketStats
+    from tokentrust.train.diagnostics import BucketStats
 
     buckets = torch.tensor([0, 1, 2])
     ids = torch.tensor([[0, 1, 2, 2]])

@@ -12,7 +12,7 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 
-from tokentrust import inference as I
+from tokentrust.study import inference as I
 
 T975 = {3: 4.303, 4: 3.182, 5: 2.776, 7: 2.447, 8: 2.365}  # t_{0.975, n-1} from a table, n -> t
 

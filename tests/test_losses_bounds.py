@@ -342,7 +342,7 @@ def test_new_losses_registered():
 def test_config_is_cap_defaults_to_the_losses_own():
     """Unset algo.is_cap resolves to the loss's default (dppo-*: 3, others: none); an explicit null stays
     uncapped, also when a stored config is resolved again (resume)."""
-    from tokentrust.config import loss_params, resolve
+    from tokentrust.train.config import loss_params, resolve
 
     assert resolve(overrides={"algo": {"loss": "dppo-tv"}}).algo.is_cap == 3.0
     assert resolve(overrides={"algo": {"loss": "dppo-kl"}}).algo.is_cap == 3.0
@@ -360,7 +360,7 @@ def test_committed_grids_keep_their_meaning():
     import json
     from pathlib import Path
 
-    from tokentrust.config import resolve
+    from tokentrust.train.config import resolve
 
     grid = json.loads((Path(__file__).resolve().parents[1] / "docs/results/stress-study/grid.json").read_text())
     assert grid["resolved_example"]["algo"]["loss"] == "dppo-tv"
@@ -369,7 +369,8 @@ def test_committed_grids_keep_their_meaning():
 
 
 def test_methods_entries_for_caps_competitors_and_hybrid(tmp_path):
-    from tokentrust.compare import METHODS, run_configs
+    from tokentrust.study.compare import run_configs
+    from tokentrust.study.methods import METHODS
 
     names = ["dppo-tv", "dppo-kl", "dppo-tv-uncapped", "dppo-kl-uncapped", "av-freq-norm", "av-freq-norm-uncapped",
              "av-hybrid", "bandpo", "bandpo-relax", "dcpo", "ppo-lowmu-exempt"]
@@ -395,8 +396,10 @@ def test_hybrid_preregistration_grid_is_declared_and_runs_in_the_chosen_regime(t
     replaced by the off-policy regime issue 18 chose (the one permitted edit)."""
     from pathlib import Path
 
-    from tokentrust.compare import GRID_PRESETS, METHODS, load_grid, run_configs
-    from tokentrust.verdicts import resolve_plan
+    from tokentrust.study.compare import load_grid, run_configs
+    from tokentrust.study.grids import GRID_PRESETS
+    from tokentrust.study.methods import METHODS
+    from tokentrust.study.verdicts import resolve_plan
 
     path = Path(__file__).resolve().parents[1] / "docs/results/hybrid-preregistration.grid.yaml"
     spec = load_grid(file=str(path))
@@ -417,10 +420,10 @@ def test_new_methods_train_end_to_end(tmp_path, method, one_thread):
     """Each new METHODS entry runs through the trainer (config -> loss keywords -> metrics): two steps,
     finite losses, its own metric logged, the resolved config as declared."""
     from conftest import tiny_overrides
-    from tokentrust.compare import METHODS
-    from tokentrust.config import resolve
-    from tokentrust.runlog import read_jsonl
-    from tokentrust.trainer import run_training
+    from tokentrust.study.methods import METHODS
+    from tokentrust.train.config import resolve
+    from tokentrust.train.rundir import read_jsonl
+    from tokentrust.train.loop import run_training
 
     algo = {"thresholds": {"kind": "constant"}, **METHODS[method]["algo"]}
     cfg = resolve(overrides=tiny_overrides(tmp_path / method, algo=algo))

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from test_losses import AGGS, F64, aggregate_ref, capped, close, grad_of, grad_ref, lists, normalisers, random_batch
-from tokentrust.compare import METHODS, run_configs
-from tokentrust.config import loss_params, resolve
+from tokentrust.study.compare import run_configs
+from tokentrust.study.methods import METHODS
+from tokentrust.train.config import loss_params, resolve
 from tokentrust.losses import NEEDS_PROX_LOGP, get_loss, needs_prox_logp
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from conftest import tiny_overrides
-from tokentrust.config import resolve
-from tokentrust.machine import parse_cpuinfo, simd_note
-from tokentrust.trainer import run_training
+from tokentrust.train.config import resolve
+from tokentrust.train.machine import parse_cpuinfo, simd_note
+from tokentrust.train.loop import run_training
 
 X86 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -44,7 +44,7 @@ def test_code_version_names_the_commit_and_whether_tracked_files_differ(tmp_path
     made here) and flags an edited tracked file; outside a git checkout it is None."""
     import subprocess
 
-    from tokentrust.machine import code_version
+    from tokentrust.train.machine import code_version
 
     def git(*args):
         return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout

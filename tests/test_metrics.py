@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tokentrust import metrics as M
+from tokentrust.study import metrics as M
+from tokentrust.train.rundir import load_metrics
 
 # ---------------------------------------------------------------------------------------------
 # accuracy
@@ -328,14 +329,14 @@ def test_load_metrics_partial_line_and_resume(tmp_path):
         '{"step": 1, "x": 1}\n{"step": 2, "x": 2}\n{"step": 3, "x": 3}\n'
         '{"step": 2, "x": 20}\n{"step": 3, "x": 30}\n{"step": 4, "x"'
     )
-    recs = M.load_metrics(tmp_path)
+    recs = load_metrics(tmp_path)
     assert [(r["step"], r["x"]) for r in recs] == [(1, 1), (2, 20), (3, 30)]
     # a partial line that a resumed writer appended to, in the middle: skipped with a warning
     p.write_text('{"step": 1, "x": 1}\n{"step": 2, "x"{"step": 2, "x": 2}\n')
     with pytest.warns(UserWarning):
-        recs = M.load_metrics(p)
+        recs = load_metrics(p)
     assert [r["step"] for r in recs] == [1]
-    assert M.load_metrics(tmp_path / "nope") == []
+    assert load_metrics(tmp_path / "nope") == []
 
 
 def test_summarize_run(tmp_path):
@@ -403,7 +404,7 @@ def test_summarize_run(tmp_path):
 
 
 def test_sequence_nll_of_a_llama_takes_the_packed_path_and_agrees():
-    """A Llama runs through tokentrust.packed (no padding, shared prompts); its NLL equals the
+    """A Llama runs through tokentrust.train.packed (no padding, shared prompts); its NLL equals the
     per-token NLL of plain unpadded forwards, one sequence at a time."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

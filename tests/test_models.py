@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tokentrust import models
-from tokentrust.models import (build_tiny_model, encode_pair, get_or_build_tiny_model, load_model_and_tokenizer,
+from tokentrust.train import models
+from tokentrust.train.models import (build_tiny_model, encode_pair, get_or_build_tiny_model, load_model_and_tokenizer,
                                save_model, sft_warm_start, train_bpe_tokenizer)
-from tokentrust.rollout import HFRollout
+from tokentrust.train.rollout import HFRollout
 
 
 def _problems(n: int, seed: int) -> list[tuple[str, str]]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokentrust.learner import response_logprobs
-from tokentrust.packed import build_layout, packed_response_logprobs, unsupported_reason
-from tokentrust.rollout.base import RolloutBatch
+from tokentrust.train.learner import response_logprobs
+from tokentrust.train.packed import build_layout, packed_response_logprobs, unsupported_reason
+from tokentrust.train.rollout.base import RolloutBatch
 
 V = 61
 
@@ -128,7 +128,7 @@ def test_unsupported_models_are_named():
     model = _llama()
     model.gradient_checkpointing_enable()
     assert "checkpointing" in unsupported_reason(model)
-    from tokentrust.models import apply_lora
+    from tokentrust.train.models import apply_lora
 
     assert "peft" in unsupported_reason(apply_lora(_llama(), r=2, target_modules=["q_proj"]))
 
@@ -154,8 +154,8 @@ def test_packed_decoder_samples_what_the_hf_cache_samples(make, greedy, group_si
     """Same tokens, and mu / top-K / entropy to float rounding, with duplicated prompts of different
     lengths and rows finishing early (a third of the vocabulary stops a row, so compaction runs).
     Shared prompts run ``SharedPromptDecoder`` (prompt keys once per prompt), distinct ones ``RowDecoder``."""
-    from tokentrust.rollout import packed_decode
-    from tokentrust.rollout.hf import HFRollout
+    from tokentrust.train.rollout import packed_decode
+    from tokentrust.train.rollout.hf import HFRollout
 
     model = make().eval()
     batch = _batch(seed=5, groups=4 if group_size > 1 else 12, group_size=group_size)
@@ -177,7 +177,7 @@ def test_packed_decoder_samples_what_the_hf_cache_samples(make, greedy, group_si
 
 
 def test_rms_norm_backward_matches_autograd_through_the_hf_formula():
-    from tokentrust.packed import _rms_norm
+    from tokentrust.train.packed import _rms_norm
 
     torch.manual_seed(0)
     norm = torch.nn.Module()
@@ -198,7 +198,7 @@ def test_rms_norm_backward_matches_autograd_through_the_hf_formula():
 
 
 def _rms_norm32(x, w):
-    from tokentrust.packed import _RMSNorm32
+    from tokentrust.train.packed import _RMSNorm32
 
     return _RMSNorm32.apply(x, w, 1e-6)
 
@@ -208,7 +208,7 @@ def test_greedy_tokens_do_not_depend_on_the_batch_size(make, one_thread):
     """Evaluation decodes greedily in larger batches than it samples (``evaluate``'s
     ``greedy_batch_size``): the same tokens, and log-probs within 1e-5, whether rows are decoded
     one prompt group at a time or all at once (compaction drops different rows in each)."""
-    from tokentrust.rollout.hf import HFRollout
+    from tokentrust.train.rollout.hf import HFRollout
 
     model = make().eval()
     batch = _batch(seed=9, groups=4, group_size=3)
@@ -231,7 +231,7 @@ def test_attention_chunks_do_not_change_the_result(chunks, monkeypatch, one_thre
     """Attention runs on groups of rows of similar length (``packed.ATTENTION_CHUNKS``); any number
     of groups gives the padded HF forward's log-probs (1e-5) and gradients (1e-4 of their scale),
     with one prompt much longer than the others (it used to pad every row)."""
-    import tokentrust.packed as packed
+    import tokentrust.train.packed as packed
 
     monkeypatch.setattr(packed, "ATTENTION_CHUNKS", chunks)
     model = _llama().train()
@@ -254,7 +254,7 @@ def test_rope_equals_the_hf_formula_values_and_gradients():
     bit for bit in float32 (the same products and sums), and the same gradient (float64 gradcheck)."""
     from transformers.models.llama.modeling_llama import rotate_half
 
-    from tokentrust.packed import _Rope, _rope
+    from tokentrust.train.packed import _Rope, _rope
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(7, 3, 8, generator=g)

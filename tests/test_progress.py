@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from tokentrust.evaluate import evaluate
-from tokentrust.rollout.base import RolloutBatch
+from tokentrust.study.evaluate import evaluate
+from tokentrust.train.rollout.base import RolloutBatch
 from tokentrust.tasks import get_task
 
 
@@ -41,7 +41,7 @@ def test_eval_progress_shows_the_running_accuracy(monkeypatch, capsys):
     task = get_task("arith", num_train=8, num_test=6)
     examples = task.examples("test")
     rollout = _ScriptedRollout(task, examples, samples=2)
-    monkeypatch.setattr("tokentrust.rollout.make_rollout", lambda *a, **k: rollout.reset())
+    monkeypatch.setattr("tokentrust.train.rollout.make_rollout", lambda *a, **k: rollout.reset())
     res = evaluate(rollout.model, None, task, samples=2, batch_size=4, progress=True)
     out = capsys.readouterr().out
     assert "\r" not in out
@@ -57,7 +57,7 @@ def test_eval_greedy_only_with_zero_samples(monkeypatch, tmp_path):
     task = get_task("arith", num_train=8, num_test=6)
     examples = task.examples("test")
     rollout = _ScriptedRollout(task, examples, samples=2)
-    monkeypatch.setattr("tokentrust.rollout.make_rollout", lambda *a, **k: rollout.reset())
+    monkeypatch.setattr("tokentrust.train.rollout.make_rollout", lambda *a, **k: rollout.reset())
     res = evaluate(rollout.model, None, task, samples=0, batch_size=4, out_dir=tmp_path)
     assert rollout.calls[False] == 0 and rollout.calls[True] == 6  # no sampled generation at all
     assert res["greedy_pass@1"] == 0.5 and "mean@k" not in res and "pass@k" not in res
@@ -67,7 +67,7 @@ def test_eval_greedy_only_with_zero_samples(monkeypatch, tmp_path):
 
 
 def test_vocab_build_reports_docs_and_tokens_counted():
-    from tokentrust.models import train_bpe_tokenizer
+    from tokentrust.train.models import train_bpe_tokenizer
     from tokentrust.vocab import build_frequency_table
 
     docs = [f"the cat {i} sat on {i * 7} mats" for i in range(25)]

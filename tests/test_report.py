@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tokentrust.metrics import summarize_run
-from tokentrust.report import build_report
+from tokentrust.study.metrics import summarize_run
+from tokentrust.study.report.build import build_report
 
 BASE = "dppo-tv"
 AV = "av-freq"
@@ -219,7 +219,8 @@ def test_bad_primary_spec_and_missing_baseline_raise(tmp_path):
 
 
 def test_runs_still_training_are_left_out_and_named(tmp_path):
-    from tokentrust.report import build_report, load_grid
+    from tokentrust.study.report.build import build_report
+    from tokentrust.study.report.data import load_grid
 
     g = _make_grid(tmp_path / "grid", GOOD, POOR, seeds=(0, 1, 2))
     partial = g / "runs" / BASE / "seed_9"
@@ -280,7 +281,7 @@ def test_warm_start_is_a_summary_row(tmp_path):
 
 
 def test_plots_are_small_multiples_by_family():
-    from tokentrust.report_plots import panel_groups
+    from tokentrust.study.report.plots import panel_groups
 
     methods = ["base", *[f"av{i}" for i in range(8)], "ppo", "clip"]
     fam = {"base": "baseline", "ppo": "baseline", "clip": "baseline", **{f"av{i}": "av-dppo" for i in range(8)}}
@@ -311,8 +312,8 @@ def test_declared_margins_reach_the_verdicts(tmp_path):
 
 
 def test_inconclusive_states_the_seeds_equivalence_would_need(tmp_path):
-    from tokentrust.inference import tost_seeds_needed
-    from tokentrust.report import analyse
+    from tokentrust.study.inference import tost_seeds_needed
+    from tokentrust.study.report.data import analyse
 
     grid = _make_grid(tmp_path / "g", POOR, POOR, seeds=(0, 1, 2))
     para = _first_paragraph(build_report(grid, baseline=BASE).read_text())

@@ -10,8 +10,8 @@ import pytest
 rg = pytest.importorskip("reasoning_gym")
 
 from conftest import tiny_overrides  # noqa: E402
-from tokentrust.config import resolve  # noqa: E402
-from tokentrust.runlog import read_jsonl  # noqa: E402
+from tokentrust.train.config import resolve  # noqa: E402
+from tokentrust.train.rundir import read_jsonl  # noqa: E402
 from tokentrust.tasks import get_task  # noqa: E402
 from tokentrust.tasks.rg import TEST_SEED_OFFSET, extract_answer  # noqa: E402
 
@@ -90,7 +90,7 @@ def test_score_answer_is_bounded_in_time():
 
 
 def test_two_training_steps_on_a_reasoning_gym_task(tmp_path, one_thread):
-    from tokentrust.trainer import Trainer
+    from tokentrust.train.loop import Trainer
 
     over = tiny_overrides(tmp_path / "run", task={"name": "rg/chain_sum", "eval_limit": 2,
                                                   "options": {"num_train": 48, "num_test": 8, "min_terms": 2,
@@ -137,7 +137,7 @@ def test_verifier_failures_are_counted_per_step(tmp_path, one_thread, monkeypatc
     """A verifier that times out (timeout_s=0: every deadline has passed) or whose worker dies scores 0,
     and the step's record counts it: reward/verifier_<kind> = one per sampled completion (2 x 2)."""
     from tokentrust.tasks.rg import _ScoreWorker
-    from tokentrust.trainer import Trainer
+    from tokentrust.train.loop import Trainer
 
     options = {"num_train": 48, "num_test": 8, "min_terms": 2, "max_terms": 2, "max_digits": 1}
     if failure == "timeouts":

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tokentrust.models import build_tiny_model, train_bpe_tokenizer
-from tokentrust.rollout import HFRollout, RolloutBatch, make_rollout, processed_logprobs
-from tokentrust.rollout.hf import sample_from_logprobs
-from tokentrust.rollout.vllm import request_outputs_to_batch
+from tokentrust.train.models import build_tiny_model, train_bpe_tokenizer
+from tokentrust.train.rollout import HFRollout, RolloutBatch, make_rollout, processed_logprobs
+from tokentrust.train.rollout.hf import sample_from_logprobs
+from tokentrust.train.rollout.vllm import request_outputs_to_batch
 
 NAMES = ["Zebulon", "Mira", "Tomas", "Ada", "Priya", "Kofi"]
 ITEMS = ["quills", "apples", "marbles", "stamps", "shells"]

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from tokentrust.config import resolve
-from tokentrust.diagnostics import mismatch_metrics
-from tokentrust.learner import logprobs_by_micro_batch, step_generator, takes_prox_logp, trim
+from tokentrust.train.config import resolve
+from tokentrust.train.diagnostics import mismatch_metrics
+from tokentrust.train.learner import logprobs_by_micro_batch, step_generator, takes_prox_logp, trim
 from tokentrust.losses import get_loss
-from tokentrust.trainer import Trainer
+from tokentrust.train.loop import Trainer
 from trainer_fixtures import synthetic_reward
 
 
@@ -106,8 +106,8 @@ def test_prox_hook_agrees_with_the_losses_marker():
 
 
 def _run(path, loss, k, steps=2):
-    from tokentrust.runlog import read_jsonl
-    from tokentrust.trainer import run_training
+    from tokentrust.train.rundir import read_jsonl
+    from tokentrust.train.loop import run_training
 
     over = tiny_overrides(path, max_steps=steps, algo={"loss": loss}, rollout={"group_size": 4, "staleness": k},
                           log={"checkpoint_every": 0})

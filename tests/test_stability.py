@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tokentrust import metrics as M
+from tokentrust.study import metrics as M
 
 P, G = 16, 8  # prompts x samples per step
 
@@ -80,7 +80,7 @@ def test_rare_share_is_split_into_seen_rare_and_unseen_tokens():
 
 
 def test_icc_is_recovered_from_the_uniform_group_share():
-    from tokentrust.stability import _icc_from_uniform_share
+    from tokentrust.study.metrics.stability import _icc_from_uniform_share
 
     for p, rho in ((0.3, 0.2), (0.5, 0.6), (0.1, 0.05)):
         assert _icc_from_uniform_share(p, M.uniform_group_probability(p, rho, G), G) == pytest.approx(rho, abs=1e-6)

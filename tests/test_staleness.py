@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from tokentrust.config import ConfigError, resolve
-from tokentrust.learner import logprobs_by_micro_batch
-from tokentrust.rollout.weights import weight_fingerprint
-from tokentrust.runlog import read_jsonl
-from tokentrust.trainer import NONDETERMINISTIC_KEYS, Trainer, run_training
+from tokentrust.train.config import ConfigError, resolve
+from tokentrust.train.learner import logprobs_by_micro_batch
+from tokentrust.train.rollout.weights import weight_fingerprint
+from tokentrust.train.rundir import read_jsonl
+from tokentrust.train.loop import NONDETERMINISTIC_KEYS, Trainer, run_training
 from trainer_fixtures import synthetic_reward
 
 
@@ -83,7 +83,7 @@ def test_overlap_does_not_change_the_run(tmp_path, one_thread):
 def test_resume_with_batches_in_flight_equals_an_uninterrupted_run(tmp_path, one_thread):
     """k = 2: a checkpoint after step 2 holds batches 2 and 3 (sampled by versions 0 and 1). The resumed
     run trains on them and continues; it samples with overlap, the uninterrupted run without."""
-    from tokentrust.checkpoint import latest_checkpoint, load_checkpoint
+    from tokentrust.train.checkpoint import latest_checkpoint, load_checkpoint
 
     with synthetic_reward():
         full = run_training(resolve(overrides=_over(tmp_path / "full", 2, max_steps=5)), quiet=True,

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from tokentrust import compare
-from tokentrust.config import ConfigError, resolve
-from tokentrust.diagnostics import mechanism_metrics
-from tokentrust.eval_metrics import accuracy_by_answer_class, garbage_share, task_results, unseen_tokens
+from tokentrust.study import compare
+from tokentrust.train.config import ConfigError, resolve
+from tokentrust.train.diagnostics import mechanism_metrics
+from tokentrust.study.eval_metrics import accuracy_by_answer_class, garbage_share, task_results, unseen_tokens
 from tokentrust.tasks.arith import MEASURES, OBJECTS, RARE_ANSWER_MASS, ZIPF_S, Arith
 from tokentrust.vocab import TokenInfo
 
@@ -73,7 +73,7 @@ def test_dose_cells_are_the_declared_doses():
 
 def test_beta_zero_reproduces_dppo_tv(tmp_path):
     """The dose-response origin: AV-DPPO with beta 0 trains exactly as the fixed threshold does."""
-    from tokentrust.trainer import load_metrics, run_training
+    from tokentrust.train.loop import load_metrics, run_training
 
     spec = compare.load_grid("stress-study")
     methods = compare.expand_methods(spec["methods"])
@@ -161,7 +161,7 @@ def test_mechanism_metrics_match_numpy():
 # ------------------------------------------------------------------------------ report sections
 
 def test_dose_series_are_read_from_the_method_descriptions():
-    from tokentrust.report_study import dose_series
+    from tokentrust.study.report.sections import dose_series
 
     methods = {m: {k: v for k, v in e["algo"].items()} for m, e in compare.expand_methods(
         compare.load_grid("stress-study")["methods"]).items()}
@@ -180,7 +180,7 @@ def test_descriptive_fe_slope_matches_statsmodels_with_seed_fixed_effects():
     import pandas as pd
     import statsmodels.formula.api as smf
 
-    from tokentrust.report_study import trend_fixed_effects as trend
+    from tokentrust.study.report.sections import trend_fixed_effects as trend
 
     rng = np.random.default_rng(3)
     pts = [(x, s, 0.3 * x + 0.5 * s + rng.normal(0, 0.2)) for x in (-1, -0.5, 0, 0.5, 1, 2) for s in range(4)]
@@ -223,7 +223,7 @@ def test_grid_evaluates_the_warm_start_once_as_its_reference(tmp_path, monkeypat
 def test_mechanism_section_means_over_steps_then_seeds():
     from types import SimpleNamespace
 
-    from tokentrust.report_study import section_mechanism
+    from tokentrust.study.report.sections import section_mechanism
 
     recs = {0: [{"mechanism/corr_rarity_neglogmu": 0.2, "mechanism/mu_mean/bucket_0": 0.9,
                  "mechanism/mu_mean/bucket_1": float("nan")},

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_overrides
-from tokentrust.config import ConfigError, resolve
-from tokentrust.runlog import Progress, Trackers, numeric_items, read_jsonl
-from tokentrust.trainer import run_training
+from tokentrust.train.config import ConfigError, resolve
+from tokentrust.train.rundir import read_jsonl
+from tokentrust.train.tracking import Progress, Trackers, numeric_items
+from tokentrust.train.loop import run_training
 
 
 def read_wandb_records(path: Path) -> list:
@@ -112,7 +113,7 @@ def test_trackers_fan_out_numbers_only():
 def test_progress_plain_lines_are_rate_limited_and_carriage_return_free(monkeypatch):
     monkeypatch.delenv("TOKENTRUST_PROGRESS", raising=False)
     clock = [100.0]
-    monkeypatch.setattr("tokentrust.runlog.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("tokentrust.train.tracking.time.monotonic", lambda: clock[0])
     buf = io.StringIO()  # not a terminal: plain lines
     with Progress(10, "compare", "steps", stream=buf, every_s=15) as p:
         p.note("[1/2] ppo seed 0 started")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from tokentrust.config import resolve
-from tokentrust.runlog import read_jsonl
-from tokentrust.trainer import NONDETERMINISTIC_KEYS, Trainer, group_advantages, run_training
+from tokentrust.train.config import resolve
+from tokentrust.train.rundir import read_jsonl
+from tokentrust.train.loop import NONDETERMINISTIC_KEYS, Trainer, group_advantages, run_training
 
 AV = {"loss": "dppo-tv", "thresholds": {"kind": "frequency", "beta": 0.5, "normalize": True}}
 
@@ -68,7 +68,7 @@ def test_group_advantages():
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
-    from tokentrust.trainer import NonFiniteError
+    from tokentrust.train.loop import NonFiniteError
 
     trainer = Trainer(resolve(overrides=tiny_overrides(tmp_path / "nan", optim={"max_nonfinite_steps": 3})),
                       quiet=True)
@@ -95,7 +95,7 @@ def test_token_lookups_live_on_the_model_device(tmp_path):
     """Issue 9: `bucket_of[ids]` indexed a CPU table with GPU ids. The tables now live on the model's
     device. No CUDA here: the 'meta' device stands in for it (a CPU table indexed by meta ids gives a
     CPU tensor of garbage rather than an error, so the device of the result is what is checked)."""
-    from tokentrust.trainer import token_tables
+    from tokentrust.train.loop import token_tables
 
     trainer = Trainer(resolve(overrides=tiny_overrides(tmp_path / "run")), quiet=True)
     try:
@@ -118,7 +118,7 @@ def test_kl_and_recompute_with_micro_batches(tmp_path, one_thread):
     """Issue 9: the extra forwards (KL reference, anchor=recompute) concatenated trimmed micro-batches
     of different widths and crashed whenever micro_batch_size > 0. Now they train, and the log-probs
     equal those of one whole-batch forward on every valid token."""
-    from tokentrust.learner import logprobs_by_micro_batch
+    from tokentrust.train.learner import logprobs_by_micro_batch
     from trainer_fixtures import synthetic_reward
 
     algo = {"loss": "ppo", "kl_coef": 0.05, "anchor": "recompute"}
@@ -182,7 +182,7 @@ def test_trust_region_diagnostics_are_token_weighted_with_true_maxima(tmp_path, 
 
 def test_minibatch_split_makes_the_configured_number_of_minibatches():
     """n = 9 sequences in 4 minibatches gave 3 (chunks of ceil(9 / 4) = 3); now 4 of sizes 2-3."""
-    from tokentrust.learner import _split
+    from tokentrust.train.learner import _split
 
     parts = _split(list(range(9)), 4)
     assert len(parts) == 4 and sorted(len(p) for p in parts) == [2, 2, 2, 3]
@@ -195,7 +195,7 @@ def test_minibatch_split_makes_the_configured_number_of_minibatches():
 def test_every_keyword_the_learner_passes_is_refused_in_algo_params(tmp_path, one_thread, loss):
     """algo.params may not set what the learner's loss call supplies: each keyword seen in a real step
     (empty algo.params) fails validation naming algo.params.<key>."""
-    from tokentrust.config import ConfigError
+    from tokentrust.train.config import ConfigError
     from tokentrust.losses import get_loss
 
     real, passed = get_loss(loss), set()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tokentrust.verdicts import (
+from tokentrust.study.verdicts import (
     CONTRADICTED,
     DEFAULT_MARGINS,
     EQUIVALENT,
@@ -102,7 +102,7 @@ def test_margins_are_declared_in_the_grid_and_checked():
 def test_guard_held_back_gain_is_not_called_undetected(tmp_path):
     """An H3 gain that its accuracy guard holds back is INCONCLUSIVE, but the sentence must not say
     'no detectable improvement' (the gain was detected)."""
-    from tokentrust.report import _verdict_sentence
+    from tokentrust.study.report.build import _verdict_sentence
 
     v = _h3(_summaries(0.02, [-0.2, 0.05, -0.15, 0.0]))
     text = _verdict_sentence(v)

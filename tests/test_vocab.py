@@ -305,7 +305,7 @@ def test_special_ids_survive_save_load_and_build_records_them(tmp_path):
 def test_a_table_without_special_ids_gets_the_tokenizers(tmp_path):
     """Regression (review): a user table saved before special ids were recorded (format 1) loaded
     with special_ids = [], so the trainer treated EOS as the rarest token again."""
-    from tokentrust.policy import frequency_table_for
+    from tokentrust.train.policy import frequency_table_for
 
     tok = _train_bpe(CORPUS * 5, 320)
     tok.add_special_tokens({"eos_token": "</s>"})  # a new special id, never in any corpus

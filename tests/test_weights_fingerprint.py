@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokentrust.rollout.weights import RolloutWeights, weight_fingerprint
+from tokentrust.train.rollout.weights import RolloutWeights, weight_fingerprint
 
 
 def _lora_model() -> torch.nn.Module:
     pytest.importorskip("peft")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tokentrust.models import apply_lora
+    from tokentrust.train.models import apply_lora
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)

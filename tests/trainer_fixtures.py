@@ -49,7 +49,7 @@ def synthetic_reward() -> Iterator[None]:
 
 
 def reference_overrides(out_dir: Path, case: str, **extra: Any) -> dict[str, Any]:
-    from tokentrust.config import deep_merge
+    from tokentrust.train.config import deep_merge
 
     over = tiny_overrides(out_dir, max_steps=REFERENCE_STEPS, rollout={"group_size": 4},
                           log={"checkpoint_every": 0, "samples_every": 0})
@@ -63,9 +63,9 @@ def comparable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_reference_case(out_dir: Path, case: str, **extra: Any) -> list[dict[str, Any]]:
-    from tokentrust.config import resolve
-    from tokentrust.runlog import read_jsonl
-    from tokentrust.trainer import run_training
+    from tokentrust.train.config import resolve
+    from tokentrust.train.rundir import read_jsonl
+    from tokentrust.train.loop import run_training
 
     with synthetic_reward():
         run = run_training(resolve(overrides=reference_overrides(out_dir, case, **extra)), quiet=True,

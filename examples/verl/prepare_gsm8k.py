@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tokentrust.config import parse_set
+from tokentrust.train.config import parse_set
 from tokentrust.rewards import verl_rows
 from tokentrust.tasks import get_task
 

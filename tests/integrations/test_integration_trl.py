@@ -24,7 +24,7 @@ from trl import GRPOTrainer  # noqa: E402
 
 from tokentrust.integrations import ThresholdSettings  # noqa: E402
 from tokentrust.integrations.trl import TokenTrustGRPOConfig, TokenTrustGRPOTrainer  # noqa: E402
-from tokentrust.models import build_tiny_model, train_bpe_tokenizer  # noqa: E402
+from tokentrust.train.models import build_tiny_model, train_bpe_tokenizer  # noqa: E402
 from tokentrust.thresholds import BatchFrequencyState, compute_thresholds  # noqa: E402
 from tokentrust.vocab import FrequencyTable, special_token_ids, tokenizer_hash  # noqa: E402
 

@@ -9,7 +9,7 @@ from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    from tokentrust.compare import GRID_PRESETS, STUDIES
+    from tokentrust.study.grids import GRID_PRESETS, STUDIES
 
     p = subparsers.add_parser("compare", help="run a grid of methods x seeds and write report.md",
                               description="Runs every (method, seed) with identical data order, rollout budget and "
@@ -35,8 +35,10 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tokentrust.compare import METHODS, STUDIES, load_grid, run_grid
-    from tokentrust.config import parse_set
+    from tokentrust.study.compare import load_grid, run_grid
+    from tokentrust.study.grids import STUDIES
+    from tokentrust.study.methods import METHODS
+    from tokentrust.train.config import parse_set
 
     if args.list_methods:
         for name, entry in METHODS.items():

@@ -31,12 +31,12 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokentrust.config import parse_set, resolve
-    from tokentrust.evaluate import evaluate
-    from tokentrust.models import load_model_and_tokenizer
-    from tokentrust.policy import build_policy
+    from tokentrust.train.config import parse_set, resolve
+    from tokentrust.study.evaluate import evaluate
+    from tokentrust.train.models import load_model_and_tokenizer
+    from tokentrust.train.policy import build_policy
     from tokentrust.tasks import get_task
-    from tokentrust.trainer import select_device
+    from tokentrust.train.loop import select_device
 
     if args.samples < 0:
         raise ValueError(f"--samples must be >= 0 (0: greedy only), got {args.samples}")

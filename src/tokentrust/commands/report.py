@@ -14,7 +14,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokentrust.report import build_report
+    from tokentrust.study.report.build import build_report
 
     print(f"report: {build_report(args.grid_dir, baseline=args.baseline)}")
     return 0

@@ -9,7 +9,7 @@ from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    from tokentrust.config import PRESETS
+    from tokentrust.train.presets import PRESETS
 
     p = subparsers.add_parser("train", help="train a policy with RL (default: the tiny-arith preset)",
                               description="Train one run. Precedence: preset < --config < --set < --out/--max-steps.")
@@ -28,8 +28,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokentrust.config import ConfigError, deep_merge, parse_set, resolve
-    from tokentrust.trainer import run_training
+    from tokentrust.train.config import ConfigError, deep_merge, parse_set, resolve
+    from tokentrust.train.loop import run_training
 
     overrides = parse_set(args.overrides)
     if args.out is not None:

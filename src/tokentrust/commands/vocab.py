@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from tokentrust.runlog import Progress
+from tokentrust.train.tracking import Progress
 from tokentrust.vocab import DEFAULT_EDGES, FrequencyTable, build_frequency_table, load_tokenizer
 
 
