@@ -19,7 +19,7 @@ batch, num_iterations = ppo_epochs, steps_per_generation = minibatches (so ppo_e
 optimizer updates per batch, each on group_size x prompts_per_step / minibatches completions),
 epsilon = eps_low, beta 0, scale_rewards "none", temperature, max_completion_length =
 max_new_tokens, AdamW at optim.lr with the same per-update linear warm-up (update k at
-lr * min(1, (k + 1) / warmup_steps), as ``tokentrust.learner``) and max_grad_norm.
+lr * min(1, (k + 1) / warmup_steps), as ``tokentrust.train.learner``) and max_grad_norm.
 ``loss_type="dapo"``: token-sum over the minibatch divided by its token count (TRL: the generation
 batch's count / steps_per_generation), i.e. our ``algo.agg: token-mean``; "grpo" would average
 per sequence first (our ``seq-mean-token-mean``), which the preset does not use.
