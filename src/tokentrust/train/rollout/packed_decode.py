@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from tokentrust.train.packed import _Heads, _linear, _repeat_kv, _rms_norm, _rope, _rotary, build_layout
 
 
-class SharedPromptDecoder:
-    """Prompt keys / values per distinct prompt, generated ones per row (see the module docstring)."""
+class _Decoder:
+    """What both decoders share: the model's head dimensions and the prefill at construction."""
 
     can_compact = True
 
@@ -41,6 +41,10 @@ class SharedPromptDecoder:
         self.dims = _Heads(heads, getattr(cfg, "num_key_value_heads", None) or heads,
                            getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
         self.logits = self._prefill(prompt_ids, prompt_mask, max_new_tokens)
+
+
+class SharedPromptDecoder(_Decoder):
+    """Prompt keys / values per distinct prompt, generated ones per row (see the module docstring)."""
 
     @torch.no_grad()
     def _prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -149,20 +153,9 @@ class SharedPromptDecoder:
         return (op + weights[..., pm:] @ values).reshape(n, h * dd)
 
 
-class RowDecoder:
+class RowDecoder(_Decoder):
     """Prompts stored per row: [N, Hkv, Pm + T, d] buffers, column ``Pm + t`` the t-th generated token.
     Used when no two rows share a prompt (evaluation), where sharing would only add indexing."""
-
-    can_compact = True
-
-    def __init__(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                 max_new_tokens: int):
-        cfg = model.config
-        heads = cfg.num_attention_heads
-        self.model, self.body = model, model.model
-        self.dims = _Heads(heads, getattr(cfg, "num_key_value_heads", None) or heads,
-                           getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-        self.logits = self._prefill(prompt_ids, prompt_mask, max_new_tokens)
 
     @torch.no_grad()
     def _prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
