@@ -17,7 +17,7 @@ import csv
 import math
 from pathlib import Path
 
-from scipy import stats
+from tokentrust.study.inference import mean_interval
 
 
 def _rows(grid: Path) -> list[dict[str, str]]:
@@ -38,14 +38,8 @@ def _mean(xs: list[float]) -> float:
 
 
 def mean_ci(xs: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and t-interval over seeds (NaN bounds for fewer than two values)."""
-    xs = [x for x in xs if not math.isnan(x)]
-    m = _mean(xs)
-    if len(xs) < 2:
-        return m, float("nan"), float("nan")
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-    half = stats.t.ppf(0.5 + level / 2, len(xs) - 1) * sd / math.sqrt(len(xs))
-    return m, m - half, m + half
+    """Mean and t-interval over seeds (NaN bounds for fewer than two values): inference.mean_interval."""
+    return mean_interval(xs, alpha=1 - level)
 
 
 def gain_table(rows: list[dict[str, str]]) -> str:
