@@ -48,3 +48,23 @@ def test_the_synchronous_arm_differs_only_in_the_regime(tmp_path):
     a, b = sync[("dppo-tv", 2000)], study[("dppo-tv", 2000)]
     assert a["rollout"]["staleness"] == 0 and b["rollout"]["staleness"] == 4
     assert a["algo"] == b["algo"] and a["task"] == b["task"] and a["model"] == b["model"]
+
+
+def test_the_declared_secondary_family_is_the_preregistered_table():
+    """S1-S9 of preregistration.md, as grid.yaml encodes them for the report."""
+    from tokentrust.study.secondary import parse_family
+
+    spec = load_grid(file=str(DOCS / "confirmatory" / "grid.yaml"))
+    fam = {c.key: c for c in parse_family(spec["secondary"])}
+    assert list(fam) == [f"S{i}" for i in range(1, 10)]
+    pairs = {k: (c.method, c.baseline, c.metric, c.predict) for k, c in fam.items() if not c.doses}
+    acc, unseen = "eval/greedy_pass@1", "coherence/unseen_token_share"
+    assert pairs == {
+        "S1": ("ppo", "dppo-tv", unseen, -1), "S3": ("av-hybrid", "av-freq-norm", acc, 0),
+        "S4": ("av-hybrid", "av-freq-norm", unseen, -1), "S5": ("bandpo", "dppo-tv", acc, 0),
+        "S6": ("dcpo", "dppo-tv", acc, 0), "S7": ("ppo", "dppo-tv", acc, 0), "S8": ("pg-is", "dppo-tv", acc, -1),
+        "S9": ("av-freq-norm", "dppo-tv", acc, 0)}
+    assert fam["S2"].doses == (("av-freq-inverse", -0.5), ("dppo-tv", 0.0), ("av-freq-norm", 0.5))
+    assert fam["S2"].metric == "eval/acc_rare_answer" and fam["S2"].predict == -1
+    assert all(fam[k].margin == 0.05 for k in ("S3", "S5", "S6", "S7", "S8", "S9"))
+    assert fam["S9"].grid == "../confirmatory-sync" and all(c.grid is None for k, c in fam.items() if k != "S9")

@@ -19,6 +19,7 @@ from typing import Any
 
 from tokentrust.study.grids import GRID_PRESETS
 from tokentrust.study.methods import METHODS
+from tokentrust.study.secondary import parse_family
 from tokentrust.train.config import ConfigError, deep_merge, load_file, resolve
 from tokentrust.train.rundir import atomic_write_json, read_jsonl
 from tokentrust.train.tracking import Progress
@@ -36,10 +37,20 @@ def load_grid(preset: str | None = None, file: str | None = None) -> dict[str, A
     else:
         spec = load_file(file)
         spec.setdefault("name", Path(file).stem)
-    unknown = set(spec) - {"name", "preset", "config", "methods", "seeds", "overrides", "primary", "parts"}
+    unknown = set(spec) - {"name", "preset", "config", "methods", "seeds", "overrides", "primary", "secondary",
+                           "parts"}
     if unknown:
         raise ConfigError(f"unknown grid key(s) {sorted(unknown)}; known: preset, config, methods, seeds, overrides, "
-                          "primary, parts")
+                          "primary, secondary, parts")
+    try:
+        family = parse_family(spec.get("secondary"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    names = set(expand_methods(spec["methods"]))
+    for c in family:
+        missing = [m for m in (c.method, c.baseline, *(m for m, _ in c.doses)) if m and m not in names]
+        if c.grid is None and missing:
+            raise ConfigError(f"grid.secondary.{c.key} names methods not in grid.methods: {missing}")
     if not spec.get("methods"):
         raise ConfigError("grid.methods must list at least one method")
     if not isinstance(spec.get("primary", {}), dict):
@@ -241,6 +252,7 @@ def run_grid(spec: dict[str, Any], grid_dir: str | Path, *, workers: int | None 
     atomic_write_json(grid_dir / "grid.json", {
         "name": spec.get("name"), "command": command, "seeds": spec["seeds"],
         **({"primary": spec["primary"]} if "primary" in spec else {}),
+        **({"secondary": spec["secondary"]} if "secondary" in spec else {}),
         **({"parts": spec["parts"]} if "parts" in spec else {}),
         "methods": {n: {"family": e.get("family", "baseline"), "description": e.get("description", ""),
                         **e.get("algo", {})} for n, e in methods.items()},

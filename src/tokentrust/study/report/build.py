@@ -25,6 +25,7 @@ from pathlib import Path
 from tokentrust.study.inference import PairedResult, interval, min_signflip_p, tost_seeds_needed
 from tokentrust.study.report import sections as study
 from tokentrust.study.report.data import GridData, analyse, unfinished_runs
+from tokentrust.study.secondary import ContrastResult
 from tokentrust.study.report.figures import section_plots
 from tokentrust.study.report.tables import (
     ARROW,
@@ -182,9 +183,13 @@ def section_verdicts(d: GridData) -> list[str]:
     left_out = unfinished_runs(d.path)
     if left_out:
         out.append(f"Left out, still training or stopped before evaluation: {', '.join(left_out)}.")
+    if d.family:
+        out.append("Declared secondary family (Holm across its contrasts): " + "; ".join(
+            f"{c.contrast.key} {c.verdict}" + (f" {_interval(c.result)}" if c.result is not None and c.result.n else "")
+            for c in d.family) + ".")
     findings = secondary_findings(d.secondary, alpha)
     out.append(
-        "Secondary comparisons significant after Holm correction: "
+        ("Exploratory" if d.family else "Secondary") + " comparisons significant after Holm correction: "
         + (
             "; ".join(f"`{r.method}` {_short(r.metric)} {_interval(r.result)} (Holm p {_fmt_p(r.p_holm)})" for r in findings)
             if findings
@@ -240,6 +245,44 @@ def _margin_cell(v: HypothesisResult) -> str:
     return f"±{v.margin:g} (TOST Holm p {_fmt_p(v.p_equiv)})"
 
 
+_PREDICTION = {1: "higher", -1: "lower", 0: "none"}
+
+
+def _family_row(c: ContrastResult, alpha: float) -> list[str]:
+    k, r = c.contrast, c.result
+    what = k.label + (f" (grid `{k.grid}`)" if k.grid else "")
+    metric = f"{k.metric}{' per-seed slope' if k.doses else ''}"
+    pred = _PREDICTION[k.predict]
+    if r is None or r.n == 0:
+        return [k.key, what, metric, pred, "0", *["n/a"] * 4, c.verdict]
+    margin = "n/a"
+    if k.margin is not None and r.n >= 2:
+        lo, hi = interval(r, 2 * alpha)
+        margin = f"±{k.margin:g}: {_level(2 * alpha)} CI [{_fmt(lo)}, {_fmt(hi)}], TOST Holm p {_fmt_p(c.p_equiv)}"
+    return [k.key, what, metric, pred, str(r.n), _interval(r), _fmt_p(r.p), _fmt_p(c.p_holm), margin, c.verdict]
+
+
+def section_family(d: GridData) -> list[str]:
+    """The grid's declared secondary family (grid.secondary), Holm-corrected on its own."""
+    if not d.family:
+        return []
+    header = ["", "contrast", "metric", "prediction", "n", f"diff [{_level(d.alpha)} CI]", "p", "Holm p",
+              "equivalence", "verdict"]
+    notes = [f"- {c.contrast.key}: {c.contrast.note}" for c in d.family if c.contrast.note]
+    return [
+        "## Declared secondary family",
+        f"{len(d.family)} contrasts declared in grid.json (`secondary`) before the runs, Holm-corrected "
+        f"together at alpha = {d.alpha:g} (two-sided). Accuracy contrasts pair per-problem outcomes by seed "
+        "and problem (the seed is the unit); other metrics use a paired t-test over the seeds both arms ran; a "
+        "slope contrast tests the mean of per-seed OLS slopes on the dose against 0. SUPPORTED / CONTRADICTED: "
+        "significant in / against the predicted direction; HIGHER / LOWER: significant without a prediction; "
+        "EQUIVALENT: not significant and the TOST (Holm across the contrasts with a margin) puts the "
+        "difference within ± the margin; else INCONCLUSIVE.",
+        _table(header, [_family_row(c, d.alpha) for c in d.family]),
+        *(["\n".join(notes)] if notes else []),
+    ]
+
+
 def section_secondary(d: GridData) -> list[str]:
     if not d.secondary:
         return []
@@ -254,9 +297,11 @@ def section_secondary(d: GridData) -> list[str]:
             boot = f"[{_fmt(r.extra['boot_lo'])}, {_fmt(r.extra['boot_hi'])}]"
         rows.append([f"`{s.method}`", f"{s.metric} {ARROW[s.direction]}", str(r.n), cell, boot,
                      _fmt(r.g_z), _fmt_p(r.p), _fmt_p(s.p_holm), _fmt_p(r.p_signflip)])
+    title = "Exploratory comparisons" if d.family else "Secondary comparisons"
     return [
-        f"## Secondary comparisons vs `{d.baseline}` (method − baseline, paired by seed)",
-        f"Holm-corrected across all {len(d.secondary)} rows; bold: Holm p < {d.alpha:g}. Accuracy rows "
+        f"## {title} vs `{d.baseline}` (method − baseline, paired by seed)",
+        ("Exploratory: not part of the declared families, never a verdict. " if d.family else "")
+        + f"Holm-corrected across all {len(d.secondary)} rows; bold: Holm p < {d.alpha:g}. Accuracy rows "
         "use per-problem outcomes; their last interval is the two-stage cluster bootstrap (seeds, "
         "then problems), which also covers the choice of problems and errs wide. g_z: Hedges-"
         "corrected standardised paired difference.",
@@ -310,6 +355,7 @@ def build_report(
     sections = [
         *section_verdicts(d),
         *section_primary(d),
+        *section_family(d),
         *section_secondary(d),
         *section_setup(d),
         *section_runs(d),

@@ -15,6 +15,7 @@ import numpy as np
 
 from tokentrust.study.metrics import summarize_run
 from tokentrust.study.report.tables import matched_seeds
+from tokentrust.study.secondary import ContrastResult, evaluate_family, parse_family
 from tokentrust.study.verdicts import (
     HYPOTHESES,
     HypothesisResult,
@@ -110,6 +111,7 @@ class GridData:
     verdicts: list[HypothesisResult]
     secondary: list[SecondaryRow]
     matched: list[Any] = field(default_factory=list)  # seeds every method ran (method tables use only these)
+    family: list[ContrastResult] = field(default_factory=list)  # the declared secondary family, if any
 
     @property
     def methods(self) -> list[str]:
@@ -120,16 +122,37 @@ class GridData:
         return sorted({k for seeds in self.summaries.values() for s in seeds.values() for k in s})
 
 
-def analyse(grid_dir: str | os.PathLike, baseline: str, alpha: float) -> GridData:
-    """Load every run of the grid and run the primary and secondary tests."""
-    g = Path(grid_dir)
-    grid, runs = load_grid(g)
-    if baseline not in runs:
-        raise ValueError(f"baseline {baseline!r} has no runs under {g / 'runs'}; have {sorted(runs)}")
+def load_runs(grid_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[Any, Path]],
+                                                    dict[str, dict[Any, list[dict[str, Any]]]], Summaries, Problems]:
+    """grid.json, the finished runs, their step records, summaries and per-problem outcomes."""
+    grid, runs = load_grid(grid_dir)
     records = {m: {s: load_metrics(p) for s, p in seeds.items()} for m, seeds in runs.items()}
     summaries = {m: {s: summarize_run(p, records[m][s]) for s, p in seeds.items()} for m, seeds in runs.items()}
     problems = {m: {s: load_problems(p) for s, p in seeds.items()} for m, seeds in runs.items()}
     problems = {m: {s: v for s, v in seeds.items() if v} for m, seeds in problems.items()}
+    return grid, runs, records, summaries, problems
+
+
+def _family(g: Path, grid: dict[str, Any], summaries: Summaries, problems: Problems,
+            alpha: float) -> list[ContrastResult]:
+    """The declared secondary family (grid.secondary); a contrast's `grid` is a directory relative to g."""
+    contrasts = parse_family(grid.get("secondary"))
+
+    def load(other: str | None) -> tuple[Summaries, Problems]:
+        if other is None:
+            return summaries, problems
+        _, _, _, s, p = load_runs(g / other)
+        return s, p
+
+    return evaluate_family(contrasts, load, alpha) if contrasts else []
+
+
+def analyse(grid_dir: str | os.PathLike, baseline: str, alpha: float) -> GridData:
+    """Load every run of the grid and run the primary, declared secondary and exploratory tests."""
+    g = Path(grid_dir)
+    grid, runs, records, summaries, problems = load_runs(g)
+    if baseline not in runs:
+        raise ValueError(f"baseline {baseline!r} has no runs under {g / 'runs'}; have {sorted(runs)}")
     plan = resolve_plan(grid, list(runs), baseline)
     verdicts = evaluate_hypotheses(summaries, problems, plan, alpha)
     primary = {(m, b, h.primary[0]) for h in HYPOTHESES for k, (m, b) in plan.comparisons.items() if k == h.key}
@@ -137,4 +160,4 @@ def analyse(grid_dir: str | os.PathLike, baseline: str, alpha: float) -> GridDat
     pairwise = [m for m in runs if grid.get("methods", {}).get(m, {}).get("family") != "dose"]
     secondary = secondary_tests(summaries, problems, pairwise, baseline, primary, alpha=alpha)
     return GridData(g, grid, runs, records, summaries, problems, baseline, alpha, plan, verdicts, secondary,
-                    matched_seeds(runs))
+                    matched_seeds(runs), _family(g, grid, summaries, problems, alpha))
