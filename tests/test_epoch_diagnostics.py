@@ -5,8 +5,10 @@ the same quantities counted directly from what every loss call of the run saw.""
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +66,18 @@ def test_per_epoch_masking_and_most_masked_tokens(tmp_path, one_thread):
             for i in torch.unique(b).tolist():
                 assert rec[f"{pre}/masked_frac/bucket_{i}"] == pytest.approx(float(masked[b == i].mean()), abs=1e-12)
             masked_any |= bool(masked.any())
+        # the ratio pi / mu per bucket and sign, pooled over the step's updates (numpy's percentile)
+        step = {k: torch.cat([c[k] for c in calls[s * per_step:(s + 1) * per_step]]) for k in calls[0]}
+        ratio, adv, b = (step["pi"] / step["mu"]).numpy(), step["adv"].numpy(), buckets[step["ids"]].numpy()
+        for sign, sel in (("pos", adv > 0), ("neg", adv < 0)):
+            for i in range(int(buckets.max()) + 1):
+                r = ratio[sel & (b == i)]
+                got_mean, got_p99 = (rec[f"mechanism/ratio_{k}/{sign}/bucket_{i}"] for k in ("mean", "p99"))
+                if r.size == 0:
+                    assert math.isnan(got_mean) and math.isnan(got_p99)
+                else:
+                    assert got_mean == pytest.approx(float(r.mean()), rel=1e-9)
+                    assert got_p99 == pytest.approx(float(np.percentile(r, 99)), rel=1e-9)
     assert masked_any, "delta must be small enough for the region to bind"
     # the run's most-masked tokens
     counts = Counter(i for c in calls for i in c["ids"][c["masked"]].tolist())

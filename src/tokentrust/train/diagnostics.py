@@ -2,7 +2,9 @@
 
 * ``TrustRegionStats``: a loss's trust-region metrics, token-weighted, with true maxima;
 * ``BucketStats``: kept fraction and mean delta per corpus-frequency bucket and advantage sign;
-* ``RunningMean``: plain per-key means (losses, gradient norms over optimizer steps).
+* ``RunningMean``: plain per-key means (losses, gradient norms over optimizer steps);
+* ``EpochStats``, ``RatioStats``: masked share and |pi - mu| per epoch; the ratio pi / mu (mean, p99)
+  per bucket and advantage sign.
 """
 
 from __future__ import annotations
@@ -206,6 +208,39 @@ class EpochStats:
             for i in range(self.n):
                 out[f"{pre}/masked_frac/bucket_{i}"] = per_bucket[0][i]
                 out[f"{pre}/abs_diff_mean/bucket_{i}"] = per_bucket[1][i]
+        return out
+
+
+class RatioStats:
+    """The ratio pi / mu per corpus-frequency bucket and advantage sign over one step's updates.
+
+    Keys ``mechanism/ratio_mean/<pos|neg>/bucket_<i>`` and ``mechanism/ratio_p99/...`` (NaN where a
+    bucket has no token of that sign): what the loss sees at each update, pooled over its epochs and
+    minibatches. It shows where a region lets the ratio run (low-mu tokens under divergence masks).
+    The log-ratio is clamped to [-20, 20] before the exponent."""
+
+    def __init__(self, num_buckets: int):
+        self.n = num_buckets
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def add(self, buckets: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, logp: torch.Tensor,
+            behavior_logp: torch.Tensor) -> None:
+        m = mask.bool()
+        ratio = (logp.detach().double() - behavior_logp.double()).clamp(-20, 20).exp()
+        self.parts.append((buckets.to(m.device)[m].cpu(), torch.sign(adv[m]).cpu(), ratio[m].cpu()))
+
+    def metrics(self) -> dict[str, float]:
+        if not self.parts:
+            return {}
+        b, sign, ratio = (torch.cat(x) for x in zip(*self.parts, strict=True))
+        out = {}
+        for name, s in (("pos", 1), ("neg", -1)):
+            for i in range(self.n):
+                r = ratio[(sign == s) & (b == i)]
+                empty = r.numel() == 0
+                out[f"mechanism/ratio_mean/{name}/bucket_{i}"] = math.nan if empty else float(r.mean())
+                out[f"mechanism/ratio_p99/{name}/bucket_{i}"] = math.nan if empty else float(torch.quantile(r, 0.99))
         return out
 
 

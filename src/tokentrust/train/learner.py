@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from tokentrust.train.config import RunConfig, loss_params
-from tokentrust.train.diagnostics import (BucketStats, EpochStats, MaskedTokenCounter, RunningMean, TrustRegionStats,
-                                    mismatch_metrics)
+from tokentrust.train.diagnostics import (BucketStats, EpochStats, MaskedTokenCounter, RatioStats, RunningMean,
+                                          TrustRegionStats, mismatch_metrics)
 from tokentrust.logits import gather_logprobs, sampled_logprobs
 from tokentrust.losses import get_loss
 from tokentrust.losses.core import aggregate
@@ -170,7 +170,7 @@ class Learner:
         mean = RunningMean()
         bucket = BucketStats(self.num_buckets, self.device)
         region = TrustRegionStats()
-        stats = _StepStats(bucket, region, EpochStats(self.num_buckets, self.device))
+        stats = _StepStats(bucket, region, EpochStats(self.num_buckets, self.device), RatioStats(self.num_buckets))
         self.model.train()
         gen = step_generator(cfg.seed, step, salt=29)
         for stats.epoch in range(cfg.optim.ppo_epochs):
@@ -182,6 +182,7 @@ class Learner:
         out.update(region.result())
         out.update(bucket.metrics())
         out.update(stats.epochs.metrics())
+        out.update(stats.ratios.metrics())
         out.update(extra)
         return out
 
@@ -271,6 +272,7 @@ class Learner:
         stats.bucket.add(buckets, out.keep, mask, adv, delta)
         abs_diff = (logp.detach().float().exp() - mb.behavior_logp.float().exp()).abs()
         stats.epochs.add(stats.epoch, buckets, out.keep, mask, adv, abs_diff)
+        stats.ratios.add(buckets, mask, adv, logp, mb.behavior_logp)
         self.masked_tokens.add(mb.response_ids, out.keep, mask)
 
     def _apply_or_skip(self, loss: float, grad_norm: torch.Tensor) -> None:
@@ -304,6 +306,7 @@ class _StepStats:
     bucket: BucketStats
     region: TrustRegionStats
     epochs: EpochStats
+    ratios: RatioStats
     epoch: int = 0
 
 
