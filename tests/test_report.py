@@ -322,3 +322,26 @@ def test_inconclusive_states_the_seeds_equivalence_would_need(tmp_path):
     assert h2.label == "INCONCLUSIVE" and need is not None and need > 3
     sentence = para.split("**H2 ", 1)[1].split("**H3 ", 1)[0]
     assert f"seeds to show it with 80% power at this sd: {need})" in sentence
+
+
+def test_ratio_per_bucket_and_sign_is_summarised_and_reported(tmp_path):
+    """mechanism/ratio_{mean,p99}/{pos,neg}/bucket_<i>: mean over steps per run, then over seeds."""
+    grid = _make_grid(tmp_path / "g", GOOD, POOR, seeds=(0, 1))
+    for run in (grid / "runs").glob("*/seed_*"):
+        seed = int(run.name[5:])
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        recs = [json.loads(x) for x in lines[:-1]]  # the last line is the simulated crash
+        for r in recs:  # ratio mean at step t: 1 + 0.01 t + seed; p99 only in bucket 1, only for A < 0
+            r["mechanism/ratio_mean/pos/bucket_0"] = 1 + 0.01 * r["step"] + seed
+            r["mechanism/ratio_p99/neg/bucket_1"] = 2.0 * (seed + 1)
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    s = summarize_run(grid / "runs" / BASE / "seed_1")
+    assert s["mechanism/ratio_mean/pos/bucket_0"] == pytest.approx(1 + 0.01 * 20.5 + 1)  # steps 1-40
+    assert s["mechanism/ratio_p99/neg/bucket_1"] == pytest.approx(4.0)
+    text = build_report(grid).read_text()
+    block = text.split("ratio pi / mu, mean, A > 0")[1].split("\n\n")[1]
+    row = next(line for line in block.splitlines() if line.startswith(f"| `{BASE}`"))
+    assert [c.strip() for c in row.split("|")[2:-1]] == ["1.705"]  # seeds 0 and 1: 1.205 and 2.205
+    block = text.split("ratio pi / mu, 99th percentile per step, A < 0")[1].split("\n\n")[1]
+    row = next(line for line in block.splitlines() if line.startswith(f"| `{BASE}`"))
+    assert [c.strip() for c in row.split("|")[2:-1]] == ["3"]  # bucket 1 only: (2 + 4) / 2

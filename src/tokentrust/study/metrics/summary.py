@@ -105,6 +105,9 @@ def summarize_records(
             out[f"trust_region/{name}"] = float(v.mean())
     for name, arr in bucket_table(records, "trust_region").items():
         out.update(_bucket_keys("trust_region", name, arr))
+    for name, arr in bucket_table(records, "mechanism").items():  # the ratio pi/mu, e.g. "ratio_p99/pos"
+        if name.startswith("ratio_"):
+            out.update({f"mechanism/{name}/bucket_{i}": float(x) for i, x in enumerate(arr) if np.isfinite(x)})
     for name, arr in bucket_table(list(records[-10:]), "rare").items():
         out.update(_bucket_keys("train/rare_last10", name, arr))
     return out

@@ -330,6 +330,9 @@ def section_buckets(d: Any) -> list[str]:
     if epochs:
         specs.append(("trust_region/epoch_{e}/abs_diff_mean/bucket_{i}", [str(e) for e in epochs],
                       "mean |pi - mu| (mean over PPO epochs)"))
+    specs += [(f"mechanism/ratio_{stat}/{sign}/bucket_{{i}}", [""], f"ratio pi / mu, {what}, A {cmp} 0")
+              for stat, what in (("mean", "mean"), ("p99", "99th percentile per step"))
+              for sign, cmp in (("pos", ">"), ("neg", "<"))]
     for pattern, eps, title in specs:
         ids = bucket_ids(keys, pattern.replace("{e}", eps[0]).replace("{i}", r"(\d+)"))
         if not ids:
