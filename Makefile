@@ -17,7 +17,8 @@ $(BIN)/tokentrust: pyproject.toml
 
 install: $(BIN)/tokentrust
 
-# The main job: the demo comparison in the stress regime (pg-is, ppo, dppo-tv, AV-DPPO; 2 seeds) and its report.
+# The main job: the demo comparison in the off-policy headroom regime, first 100 steps (pg-is, dppo-tv,
+# AV-DPPO; 2 seeds) and its report.
 run: install
 	$(BIN)/tokentrust compare --preset demo --out runs/demo
 
