@@ -1,20 +1,15 @@
 """scripts/gain_table.py: the gain over the warm start and its t-interval, from a summary.csv."""
 
 import csv
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gain_table.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def gt():
-    spec = importlib.util.spec_from_file_location("gain_table", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("gain_table")
 
 
 def test_gain_and_interval_by_hand(tmp_path, gt):

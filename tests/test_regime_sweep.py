@@ -1,20 +1,16 @@
 """scripts/regime_sweep.py: rows and tables from run directories (no training)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "regime_sweep.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("regime_sweep", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("regime_sweep")
 
 
 def _run(d: Path, rewards, greedy=None, rare=None):

@@ -1,21 +1,17 @@
 """scripts/study_part.py: run health without outcomes, and the archive of a finished part."""
 
-import importlib.util
 import json
 import tarfile
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "study_part.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def sp():
-    spec = importlib.util.spec_from_file_location("study_part", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("study_part")
 
 
 def _grid(tmp_path):
