@@ -1,8 +1,8 @@
 """Between the parts of a pre-registered study: check run health without looking at outcomes, and
 archive a finished part's records so the study survives across machines and sessions.
 
-    python scripts/study_part.py health GRID_DIR --config GRID_FILE --part N
-    python scripts/study_part.py pack   GRID_DIR --config GRID_FILE --part N --out PART.tar.xz
+    python scripts/study_part.py health GRID_DIR --config GRID_FILE [--part N]
+    python scripts/study_part.py pack   GRID_DIR --config GRID_FILE [--part N] --out PART.tar.xz
 
 `health` prints, per run of the part: steps logged of max_steps, whether DONE and evaluated, optimizer
 steps skipped as non-finite, and whether every logged reward and loss is finite. It prints no
@@ -30,7 +30,7 @@ RUN_FILES = ("config.json", "machine.json", "metrics.jsonl", "samples.jsonl", "m
 WARM_FILES = ("config.json", "machine.json", "DONE", "eval")
 
 
-def part_dirs(grid_dir: Path, config: str, part: str) -> list[tuple[str, int, Path, int]]:
+def part_dirs(grid_dir: Path, config: str, part: str | None) -> list[tuple[str, int, Path, int]]:
     """(method, seed, run dir, max_steps) of every run in the part, in grid order."""
     spec = load_grid(file=config)
     selected = part_runs(spec, part)
@@ -59,7 +59,7 @@ def run_health(run_dir: Path, max_steps: int) -> dict:
             "nonfinite_skipped": skipped, "finite": finite, "healthy": healthy}
 
 
-def health(grid_dir: Path, config: str, part: str) -> int:
+def health(grid_dir: Path, config: str, part: str | None) -> int:
     bad = 0
     print("| method | seed | steps | DONE | evaluated | non-finite skips | finite | healthy |")
     print("|---|---:|---:|---|---|---:|---|---|")
@@ -72,7 +72,7 @@ def health(grid_dir: Path, config: str, part: str) -> int:
     return 1 if bad else 0
 
 
-def pack(grid_dir: Path, config: str, part: str, out: Path) -> int:
+def pack(grid_dir: Path, config: str, part: str | None, out: Path) -> int:
     """Archive the part's finished runs (and grid.json, the warm start's evaluation)."""
     members = [grid_dir / "grid.json"] + [grid_dir / "warm_start" / f for f in WARM_FILES]
     runs = [d for _, _, d, _ in part_dirs(grid_dir, config, part) if (d / "DONE").exists()]
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=("health", "pack"))
     ap.add_argument("grid_dir", type=Path)
     ap.add_argument("--config", required=True, help="the grid file the study runs")
-    ap.add_argument("--part", required=True)
+    ap.add_argument("--part", default=None, help="the grid's part (default: every run of the grid)")
     ap.add_argument("--out", type=Path, help="pack: the archive to write")
     a = ap.parse_args(argv)
     if a.command == "health":
