@@ -9,7 +9,8 @@ import importlib
 import pytest
 
 PUBLIC = {
-    "tokentrust.losses": ["get_loss", "available_losses", "register_loss", "NEEDS_PROX_LOGP", "needs_prox_logp"],
+    "tokentrust.losses": ["get_loss", "available_losses", "register_loss", "NEEDS_PROX_LOGP", "needs_prox_logp",
+                          "default_delta", "default_is_cap"],
     "tokentrust.thresholds": ["ThresholdSpec", "compute_thresholds"],
     "tokentrust.vocab": ["FrequencyTable", "TokenInfo", "build_frequency_table", "load_tokenizer", "special_token_ids",
                          "tokenizer_hash", "DEFAULT_EDGES", "VocabMismatchError", "rare_from", "num_buckets"],

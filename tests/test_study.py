@@ -73,7 +73,8 @@ def test_dose_cells_are_the_declared_doses():
 
 def test_beta_zero_reproduces_dppo_tv(tmp_path):
     """The dose-response origin: AV-DPPO with beta 0 trains exactly as the fixed threshold does."""
-    from tokentrust.train.loop import load_metrics, run_training
+    from tokentrust.train.loop import run_training
+    from tokentrust.train.rundir import read_jsonl
 
     spec = compare.load_grid("stress-study")
     methods = compare.expand_methods(spec["methods"])
@@ -81,7 +82,7 @@ def test_beta_zero_reproduces_dppo_tv(tmp_path):
     for name in ("dppo-tv", "av-beta0"):
         over = tiny_overrides(tmp_path / name, algo=methods[name]["algo"], rollout={"staleness": 1})
         over["algo"].setdefault("thresholds", {"kind": "constant"})
-        out[name] = load_metrics(run_training(resolve(preset="tiny-arith", overrides=over), quiet=True))
+        out[name] = read_jsonl(run_training(resolve(preset="tiny-arith", overrides=over), quiet=True) / "metrics.jsonl")
     keys = ("reward/mean", "loss/policy", "trust_region/kept_frac", "actor/grad_norm")
     for a, b in zip(out["dppo-tv"], out["av-beta0"]):
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}

@@ -64,7 +64,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from tokentrust.train.config import default_delta, default_is_cap
+from tokentrust.losses import default_delta, default_is_cap
 from tokentrust.integrations import ThresholdSchedule, TokenTrustSettings
 from tokentrust.losses import get_loss
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Protocol
 
 import torch
@@ -39,3 +40,15 @@ def get_loss(name: str) -> PolicyLoss:
 
 def available_losses() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def default_delta(loss: str) -> float | None:
+    """The loss's own default threshold (its signature's ``delta``), None if it has no delta."""
+    p = inspect.signature(get_loss(loss)).parameters.get("delta")
+    return None if p is None or p.default is inspect.Parameter.empty else float(p.default)
+
+
+def default_is_cap(loss: str) -> float | None:
+    """The loss's own default truncated-IS cap (its signature's ``is_cap``), None if uncapped."""
+    p = inspect.signature(get_loss(loss)).parameters.get("is_cap")
+    return None if p is None or p.default in (None, inspect.Parameter.empty) else float(p.default)

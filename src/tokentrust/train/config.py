@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tokentrust.losses import default_delta, default_is_cap  # noqa: F401  (re-exported: tokentrust.config)
 from tokentrust.thresholds import KINDS as THRESHOLD_KINDS
 
 PER_TOKEN_DELTA_LOSSES = ("dppo-tv", "dppo-kl", "dppo-topk-tv", "dppo-topk-kl", "drpo", "dppo-tv-hybrid")
@@ -301,22 +302,6 @@ def resolve(preset: str | None = None, file: str | Path | None = None, overrides
     if "is_cap" not in cfg.algo.model_fields_set:
         cfg.algo.is_cap = default_is_cap(cfg.algo.loss)
     return cfg
-
-
-def default_delta(loss: str) -> float | None:
-    """The loss's own default threshold (its signature's ``delta``), None if it has no delta."""
-    from tokentrust.losses import get_loss
-
-    p = inspect.signature(get_loss(loss)).parameters.get("delta")
-    return None if p is None or p.default is inspect.Parameter.empty else float(p.default)
-
-
-def default_is_cap(loss: str) -> float | None:
-    """The loss's own default truncated-IS cap (its signature's ``is_cap``), None if uncapped."""
-    from tokentrust.losses import get_loss
-
-    p = inspect.signature(get_loss(loss)).parameters.get("is_cap")
-    return None if p is None or p.default in (None, inspect.Parameter.empty) else float(p.default)
 
 
 def _check(cond: bool, msg: str) -> None:

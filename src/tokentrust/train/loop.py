@@ -31,7 +31,7 @@ from tokentrust.train.diagnostics import mechanism_metrics
 from tokentrust.train.learner import Learner, NonFiniteError  # noqa: F401  (NonFiniteError: part of this module's API)
 from tokentrust.train.machine import record_machine
 from tokentrust.train.rollout.weights import RolloutWeights
-from tokentrust.train.rundir import JsonlWriter, atomic_write_json, read_jsonl, truncate_jsonl
+from tokentrust.train.rundir import JsonlWriter, atomic_write_json, truncate_jsonl
 from tokentrust.train.tracking import Progress, Trackers
 from tokentrust.vocab import FrequencyTable, TokenInfo
 
@@ -338,7 +338,3 @@ def run_training(cfg: RunConfig, *, resume: bool = False, max_steps: int | None 
     finally:
         trainer.close()
     return trainer.out
-
-
-def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return read_jsonl(Path(run_dir) / "metrics.jsonl")
