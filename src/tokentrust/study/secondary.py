@@ -135,7 +135,7 @@ def _test(c: Contrast, summaries: Summaries, problems: Problems | None, alpha: f
     return compare(summaries, problems, c.method, c.baseline, c.metric, alpha)
 
 
-def _verdict(c: Contrast, r: PairedResult | None, p_holm: float, p_equiv: float, alpha: float) -> str:
+def contrast_verdict(c: Contrast, r: PairedResult | None, p_holm: float, p_equiv: float, alpha: float) -> str:
     if r is not None and math.isfinite(p_holm) and p_holm < alpha and r.diff != 0:
         sign = 1 if r.diff > 0 else -1
         if c.predict:
@@ -160,5 +160,5 @@ def evaluate_family(contrasts: list[Contrast], load: GridLoader, alpha: float = 
         r.p_equiv = float(pe)
     for r, ph in zip(out, p, strict=True):
         r.p_holm = float(ph)
-        r.verdict = _verdict(r.contrast, r.result, r.p_holm, r.p_equiv, alpha)
+        r.verdict = contrast_verdict(r.contrast, r.result, r.p_holm, r.p_equiv, alpha)
     return out
