@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import warnings
 import sys
 import time
 from pathlib import Path
@@ -115,7 +116,9 @@ def mechanism_table(out: Path, spec: dict[str, Any], method: str = "dppo-tv") ->
         mech = [mechanism(d) for d in runs if (d / "metrics.jsonl").exists()]
         if not mech:
             continue
-        avg = {k: np.nanmean(np.array([m[k] for m in mech], dtype=float), axis=0) for k in mech[0]}
+        with warnings.catch_warnings():  # a bucket no seed sampled stays NaN ("nan" in the table)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            avg = {k: np.nanmean(np.array([m[k] for m in mech], dtype=float), axis=0) for k in mech[0]}
         cells = [f"{m:.3f} / {d:.3f}" for m, d in zip(avg["masked"], avg["abs_diff"])]
         lines.append(f"| {regime} | " + " | ".join(cells) + " | " + ", ".join(f"{x:.3f}" for x in avg["epoch_masked"])
                      + " |")
