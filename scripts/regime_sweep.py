@@ -28,9 +28,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import warnings
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
