@@ -2,7 +2,7 @@
 archive a finished part's records so the study survives across machines and sessions.
 
     python scripts/study_part.py health GRID_DIR --config GRID_FILE [--part N]
-    python scripts/study_part.py pack   GRID_DIR --config GRID_FILE [--part N] --out PART.tar.xz
+    python scripts/study_part.py pack   GRID_DIR --config GRID_FILE [--part N] [--method M] --out PART.tar.xz
 
 `health` prints, per run of the part: steps logged of max_steps, whether DONE and evaluated, optimizer
 steps skipped as non-finite, and whether every logged reward and loss is finite. It prints no
@@ -72,10 +72,12 @@ def health(grid_dir: Path, config: str, part: str | None) -> int:
     return 1 if bad else 0
 
 
-def pack(grid_dir: Path, config: str, part: str | None, out: Path) -> int:
-    """Archive the part's finished runs (and grid.json, the warm start's evaluation)."""
+def pack(grid_dir: Path, config: str, part: str | None, out: Path, method: str | None = None) -> int:
+    """Archive the part's finished runs (only `method`'s if given, so that each archive stays small),
+    and grid.json and the warm start's evaluation."""
     members = [grid_dir / "grid.json"] + [grid_dir / "warm_start" / f for f in WARM_FILES]
-    runs = [d for _, _, d, _ in part_dirs(grid_dir, config, part) if (d / "DONE").exists()]
+    runs = [d for name, _, d, _ in part_dirs(grid_dir, config, part)
+            if (d / "DONE").exists() and method in (None, name)]
     members += [d / f for d in runs for f in RUN_FILES]
     out.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out, "w:xz") as tar:
@@ -93,12 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="the grid file the study runs")
     ap.add_argument("--part", default=None, help="the grid's part (default: every run of the grid)")
     ap.add_argument("--out", type=Path, help="pack: the archive to write")
+    ap.add_argument("--method", default=None, help="pack: only this method's runs (one archive per method)")
     a = ap.parse_args(argv)
     if a.command == "health":
         return health(a.grid_dir, a.config, a.part)
     if a.out is None:
         ap.error("pack needs --out")
-    return pack(a.grid_dir, a.config, a.part, a.out)
+    return pack(a.grid_dir, a.config, a.part, a.out, a.method)
 
 
 if __name__ == "__main__":

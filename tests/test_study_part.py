@@ -66,3 +66,13 @@ def test_pack_holds_the_part_records_without_checkpoints(tmp_path, sp):
     assert {"grid.json", "warm_start/eval/results.json", "runs/ppo/seed_0/metrics.jsonl",
             "runs/ppo/seed_0/eval/results.json", "runs/ppo/seed_0/DONE"} <= names
     assert not any("checkpoints" in n or "seed_1" in n or "dppo-tv" in n for n in names)
+
+
+def test_pack_one_method(tmp_path, sp):
+    cfg, grid = _grid(tmp_path), tmp_path / "out"
+    _run(grid / "runs" / "ppo" / "seed_0", 3, True)
+    _run(grid / "runs" / "dppo-tv" / "seed_0", 3, True)
+    assert sp.pack(grid, cfg, None, tmp_path / "d.tar.xz", method="dppo-tv") == 0
+    with tarfile.open(tmp_path / "d.tar.xz") as tar:
+        names = set(tar.getnames())
+    assert "runs/dppo-tv/seed_0/metrics.jsonl" in names and not any("ppo/" in n and "dppo" not in n for n in names)
