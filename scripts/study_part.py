@@ -18,13 +18,13 @@ weights and tensorboard files stay out.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tarfile
 from pathlib import Path
 
 from tokentrust.study.compare import load_grid, part_runs, run_configs
+from tokentrust.train.rundir import load_metrics
 
 RUN_FILES = ("config.json", "machine.json", "metrics.jsonl", "samples.jsonl", "masked_tokens.json", "DONE", "eval")
 WARM_FILES = ("config.json", "machine.json", "DONE", "eval")
@@ -41,12 +41,7 @@ def part_dirs(grid_dir: Path, config: str, part: str | None) -> list[tuple[str, 
 def run_health(run_dir: Path, max_steps: int) -> dict:
     """Health fields of one run; no outcome."""
     steps, finite, skipped = 0, True, 0
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for rec in load_metrics(run_dir):
         if "step" not in rec or "reward/mean" not in rec:
             continue
         steps = max(steps, int(rec["step"]))
