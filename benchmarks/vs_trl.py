@@ -10,7 +10,8 @@ locally, nothing is downloaded) with the same loss (DPPO Binary-TV, delta 0.15, 
           (TRL also recomputes old_per_token_logps once per batch: one extra no-grad forward)
 
 Each engine runs in its own subprocess (same thread count); one warm-up batch is excluded and
-the median over the measured batches is printed. Needs the integrations venv (TRL):
+the median over the measured batches is printed, in wall time and in the engine's CPU time
+(``time.process_time``; with one thread it hardly moves with other load on the machine). Needs the integrations venv (TRL):
 
     .venv-integrations/bin/python benchmarks/vs_trl.py [--batches 2] [--threads 2]
 """
@@ -26,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tokentrust.train.machine import machine_summary
 
 PROMPTS, SAMPLES, NEW_TOKENS, LR, DELTA = 8, 8, 64, 1e-6, 0.15
 
@@ -86,11 +89,13 @@ def run_ours(model_dir: str, batches: int) -> dict:
         trainer = Trainer(cfg, quiet=True)
         rows = []
         for _ in range(batches + 1):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             rec = trainer.train_step()
-            rows.append((time.perf_counter() - t0, rec["response/length_mean"] * PROMPTS * SAMPLES))
+            rows.append((time.perf_counter() - t0, time.process_time() - c0,
+                         rec["response/length_mean"] * PROMPTS * SAMPLES))
         trainer.close()
-    return {"batch_s": [r[0] for r in rows[1:]], "tokens": [r[1] for r in rows[1:]]}
+    return {"batch_s": [r[0] for r in rows[1:]], "batch_cpu_s": [r[1] for r in rows[1:]],
+            "tokens": [r[2] for r in rows[1:]]}
 
 
 def run_trl(model_dir: str, batches: int) -> dict:
@@ -102,12 +107,14 @@ def run_trl(model_dir: str, batches: int) -> dict:
     class Clock(TrainerCallback):
         def __init__(self):
             self.durations: list[float] = []
+            self.cpu: list[float] = []
 
         def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             self.durations.append(time.perf_counter() - self.t0)
+            self.cpu.append(time.process_time() - self.c0)
 
     data = Dataset.from_dict({"prompt": prompt_texts(PROMPTS * (batches + 1))})
     clock = Clock()
@@ -122,8 +129,11 @@ def run_trl(model_dir: str, batches: int) -> dict:
             float(len(c)) for c in completions], args=args, train_dataset=data, callbacks=[clock])
         trainer.train()
         lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
-    per_batch = [clock.durations[i] + clock.durations[i + 1] for i in range(0, len(clock.durations), 2)]
-    return {"batch_s": per_batch[1:], "tokens": [x * PROMPTS * SAMPLES for x in lengths[1:]]}
+    def per_batch(xs: list[float]) -> list[float]:  # two optimizer steps (num_iterations=2) per batch
+        return [xs[i] + xs[i + 1] for i in range(0, len(xs), 2)][1:]
+
+    return {"batch_s": per_batch(clock.durations), "batch_cpu_s": per_batch(clock.cpu),
+            "tokens": [x * PROMPTS * SAMPLES for x in lengths[1:]]}
 
 
 def child(engine: str, model_dir: str, batches: int, threads: int) -> None:
@@ -163,15 +173,20 @@ def main() -> int:
                 print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
                 return 1
             results[engine] = json.loads(line[-1][len("RESULT "):])
-    print("\n| engine | s / batch (median) | new tokens / batch | new tokens/s |")
-    print("|---|---:|---:|---:|")
-    rate = {}
+    import torch
+
+    torch.set_num_threads(args.threads)  # as each engine's process does, so the line names their threads
+    print(f"\n{machine_summary()}")
+    print("\n| engine | s / batch (median) | CPU s / batch | new tokens / batch | new tokens/s | new tokens / CPU s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    rate, cpu_rate = {}, {}
     for engine, r in results.items():
-        t, n = statistics.median(r["batch_s"]), statistics.median(r["tokens"])
-        rate[engine] = n / t
-        print(f"| {engine} | {t:.2f} | {n:.0f} | {rate[engine]:.1f} |")
+        t, c, n = (statistics.median(r[k]) for k in ("batch_s", "batch_cpu_s", "tokens"))
+        rate[engine], cpu_rate[engine] = n / t, n / c
+        print(f"| {engine} | {t:.2f} | {c:.2f} | {n:.0f} | {rate[engine]:.1f} | {cpu_rate[engine]:.1f} |")
     if {"ours", "trl"} <= set(rate):
-        print(f"\nthroughput ratio ours / trl: {rate['ours'] / rate['trl']:.2f}x")
+        print(f"\nthroughput ratio ours / trl: {rate['ours'] / rate['trl']:.2f}x (wall), "
+              f"{cpu_rate['ours'] / cpu_rate['trl']:.2f}x (CPU time: hardly moved by other load)")
     return 0
 
 
