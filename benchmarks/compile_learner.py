@@ -15,45 +15,19 @@ import time
 import torch
 import torch.nn.functional as F
 
-torch.set_num_threads(1)
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_shapes import fwd_bwd_cpu_s, study_batch, tiny_model
+
 from tokentrust.train import packed
-from tokentrust.train.packed import build_layout, packed_hidden, _linear, _rms_norm
+from tokentrust.train.packed import _rms_norm, build_layout, packed_hidden
 
-cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
-cfg._attn_implementation = "sdpa"
-torch.manual_seed(0)
-model = LlamaForCausalLM(cfg)
+torch.set_num_threads(1)
+model = tiny_model()
+lays = [build_layout(*study_batch(s)) for s in range(8)]
 
-def batch(seed):
-    g = torch.Generator().manual_seed(seed)
-    U, N, P, T = 14, 32, 64, 48
-    plen = torch.randint(40, 60, (U,), generator=g)
-    prompts = torch.randint(3, 512, (U, P), generator=g)
-    pmask = (torch.arange(P)[None] >= (P - plen)[:, None]).long()
-    which = torch.cat([torch.arange(U), torch.randint(0, U, (N - U,), generator=g)])
-    rlen = torch.randint(10, T + 1, (N,), generator=g)
-    rmask = (torch.arange(T)[None] < rlen[:, None]).long()
-    return prompts[which] * pmask[which], pmask[which], torch.randint(3, 512, (N, T), generator=g) * rmask, rmask
 
-batches = [batch(s) for s in range(8)]
-lays = [build_layout(*b) for b in batches]
+def timeit(fn) -> float:
+    return fwd_bwd_cpu_s(fn, model, lays)
 
-def step(fn, lay):
-    h = fn(model, lay)
-    loss = (model.get_output_embeddings()(h).logsumexp(-1)).mean()
-    loss.backward()
-    return float(loss.detach())
-
-def timeit(fn, reps=3):
-    t = []
-    for _ in range(reps):
-        t0 = time.process_time()
-        for lay in lays:
-            step(fn, lay)
-        t.append(time.process_time() - t0)
-    return min(t) / len(lays)
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "mlp"
 assert mode in ("mlp", "full"), "usage: compile_learner.py [mlp|full]"
@@ -86,8 +60,7 @@ else:  # compile only the MLP block (norm, gate/up, silu*up, down, residual)
         return _rms_norm(x[lay.predict_from], body.norm)
 t0 = time.process_time(); w0 = time.time()
 try:
-    for lay in lays:
-        step(fn, lay)
+    fwd_bwd_cpu_s(fn, model, lays, reps=1)
 except Exception as err:  # inductor cannot compile every graph with dynamic shapes
     print(f"compile failed ({mode}): {type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}")
     sys.exit(0)
