@@ -25,11 +25,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokentrust.train.packed import _Heads, _linear, _repeat_kv, _rms_norm, _rope, _rotary, build_layout
+from tokentrust.train.packed import Layout, _Heads, _linear, _repeat_kv, _rms_norm, _rope, _rotary, build_layout
 
 
 class _Decoder:
-    """What both decoders share: the model's head dimensions and the prefill at construction."""
+    """What both decoders share: the model's head dimensions, the prompts' prefill and the per-token
+    layer loop. Subclasses say where keys and values live (``_prefill``, ``_write``, ``_read``)."""
 
     can_compact = True
 
@@ -42,24 +43,19 @@ class _Decoder:
                            getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
         self.logits = self._prefill(prompt_ids, prompt_mask, max_new_tokens)
 
-
-class SharedPromptDecoder(_Decoder):
-    """Prompt keys / values per distinct prompt, generated ones per row (see the module docstring)."""
-
-    @torch.no_grad()
-    def _prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Run each distinct prompt once and keep its keys / values; logits [N, V] of the last tokens."""
+    def _run_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[
+            Layout, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Run each distinct prompt once, without padding. Returns the layout, each layer's prompt
+        keys and values [U, Hkv, Pm, d] (left-aligned) and the logits [N, V] of each row's last token."""
         n = prompt_ids.shape[0]
         dummy = torch.ones((n, 1), dtype=torch.long, device=prompt_ids.device)
         lay = build_layout(prompt_ids, prompt_mask, dummy, dummy)  # responses of one token: prompts only
         d = self.dims
+        rep = d.heads // d.kv_heads
         self.prompt_len = prompt_mask.bool().sum(-1)  # [N]
-        self.prompt_of_row = lay.prompt_of_row  # [N]
-        self.prompt_masked = ~lay.prompt_valid[:, None, None, :]  # [U, 1, 1, Pm]: padding columns
-        self._group_rows()
         x = self.body.embed_tokens(lay.tokens)
         cos, sin = _rotary(self.model, lay.positions, x.dtype)
-        self.prompt_keys, self.prompt_values, self.keys, self.values = [], [], [], []
+        keys, values = [], []
         for layer in self.body.layers:
             attn = layer.self_attn
             h = _rms_norm(x, layer.input_layernorm)
@@ -67,17 +63,59 @@ class SharedPromptDecoder(_Decoder):
             k, v = _rope(k.view(-1, d.kv_heads, d.head_dim), cos, sin), v.view(-1, d.kv_heads, d.head_dim)
             q = _rope(_linear(h, attn.q_proj).view(-1, d.heads, d.head_dim), cos, sin)
             kp, vp, qp = (t[lay.prompt_gather].transpose(1, 2) for t in (k, v, q))  # [U, H*, Pm, d]
-            rep = d.heads // d.kv_heads
             out = F.scaled_dot_product_attention(qp, _repeat_kv(kp, rep), _repeat_kv(vp, rep), is_causal=True)
             out = out.transpose(1, 2)[lay.prompt_back].reshape(-1, d.heads * d.head_dim)
             x = x + _linear(out, attn.o_proj)
             x = x + self._mlp(layer, x)
-            self.prompt_keys.append(kp.contiguous())
-            self.prompt_values.append(vp.contiguous())
-            self.keys.append(k.new_empty((n, d.kv_heads, max_new_tokens, d.head_dim)))
-            self.values.append(v.new_empty((n, d.kv_heads, max_new_tokens, d.head_dim)))
+            keys.append(kp)
+            values.append(vp)
         last = _rms_norm(x[lay.last_prompt], self.body.norm)
-        return self.model.get_output_embeddings()(last)[lay.prompt_of_row]
+        return lay, keys, values, self.model.get_output_embeddings()(last)[lay.prompt_of_row]
+
+    @staticmethod
+    def _mlp(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        mlp = layer.mlp
+        gate, up = _linear(_rms_norm(x, layer.post_attention_layernorm), mlp.gate_proj, mlp.up_proj).chunk(2, -1)
+        return _linear(F.silu(gate) * up, mlp.down_proj)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        """Feed the t-th generated token of each row ([n]); logits [n, V] of the next one."""
+        d = self.dims
+        x = self.body.embed_tokens(tokens)
+        cos, sin = _rotary(self.model, self.prompt_len + t, x.dtype)
+        self._begin_step(t)
+        for i, layer in enumerate(self.body.layers):
+            attn = layer.self_attn
+            h = _rms_norm(x, layer.input_layernorm)
+            q, k, v = _linear(h, attn.q_proj, attn.k_proj, attn.v_proj).split(
+                [d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim], -1)
+            q = _rope(q.view(-1, d.heads, d.head_dim), cos, sin)
+            self._write(i, t, _rope(k.view(-1, d.kv_heads, d.head_dim), cos, sin), v.view(-1, d.kv_heads, d.head_dim))
+            x = x + _linear(self._read(q, i, t), attn.o_proj)
+            x = x + self._mlp(layer, x)
+        return self.model.get_output_embeddings()(_rms_norm(x, self.body.norm))
+
+    def _begin_step(self, t: int) -> None:
+        """Per-step state shared by the layers (none by default)."""
+
+
+class SharedPromptDecoder(_Decoder):
+    """Prompt keys / values per distinct prompt, generated ones per row (see the module docstring)."""
+
+    @torch.no_grad()
+    def _prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Keep each distinct prompt's keys / values once; per-row buffers for the generated ones."""
+        lay, keys, values, logits = self._run_prompts(prompt_ids, prompt_mask)
+        n, d = prompt_ids.shape[0], self.dims
+        self.prompt_of_row = lay.prompt_of_row  # [N]
+        self.prompt_masked = ~lay.prompt_valid[:, None, None, :]  # [U, 1, 1, Pm]: padding columns
+        self._group_rows()
+        self.prompt_keys = [k.contiguous() for k in keys]
+        self.prompt_values = [v.contiguous() for v in values]
+        self.keys = [k.new_empty((n, d.kv_heads, max_new_tokens, d.head_dim)) for k in keys]
+        self.values = [v.new_empty((n, d.kv_heads, max_new_tokens, d.head_dim)) for v in values]
+        return logits
 
     def _group_rows(self) -> None:
         """``slots`` [U, G]: the rows of each distinct prompt (padded with row 0), and each row's slot."""
@@ -94,12 +132,6 @@ class SharedPromptDecoder(_Decoder):
         self.slot_used = torch.zeros(self.slots.shape, dtype=torch.bool, device=u.device)
         self.slot_used[u, slot] = True
 
-    @staticmethod
-    def _mlp(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        mlp = layer.mlp
-        gate, up = _linear(_rms_norm(x, layer.post_attention_layernorm), mlp.gate_proj, mlp.up_proj).chunk(2, -1)
-        return _linear(F.silu(gate) * up, mlp.down_proj)
-
     def keep(self, index: torch.Tensor) -> None:
         """Keep only the rows ``index`` (finished rows dropped)."""
         self.keys = [k[index] for k in self.keys]
@@ -108,32 +140,17 @@ class SharedPromptDecoder(_Decoder):
         self.prompt_of_row = self.prompt_of_row[index]
         self._group_rows()
 
-    @torch.no_grad()
-    def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
-        """Feed the t-th generated token of each row ([n]); logits [n, V] of the next one."""
-        d = self.dims
-        x = self.body.embed_tokens(tokens)
-        cos, sin = _rotary(self.model, self.prompt_len + t, x.dtype)
-        rep = d.heads // d.kv_heads
-        for i, layer in enumerate(self.body.layers):
-            attn = layer.self_attn
-            h = _rms_norm(x, layer.input_layernorm)
-            q, k, v = _linear(h, attn.q_proj, attn.k_proj, attn.v_proj).split(
-                [d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim], -1)
-            q = _rope(q.view(-1, d.heads, d.head_dim), cos, sin)
-            self.keys[i][:, :, t] = _rope(k.view(-1, d.kv_heads, d.head_dim), cos, sin)
-            self.values[i][:, :, t] = v.view(-1, d.kv_heads, d.head_dim)
-            out = self._attend(q, i, t, rep)
-            x = x + _linear(out, attn.o_proj)
-            x = x + self._mlp(layer, x)
-        return self.model.get_output_embeddings()(_rms_norm(x, self.body.norm))
+    def _write(self, i: int, t: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.keys[i][:, :, t] = k
+        self.values[i][:, :, t] = v
 
-    def _attend(self, q: torch.Tensor, i: int, t: int, rep: int) -> torch.Tensor:
+    def _read(self, q: torch.Tensor, i: int, t: int) -> torch.Tensor:
         """Softmax attention of one query per row and head, q [n, H, d], over the row's prompt keys
         (shared by its prompt's rows) and its generated keys 0..t. Returns [n, H * d]. Plain matmuls:
         for a single query they beat the fused kernel on a CPU."""
         n, h, dd = q.shape
-        kv = h // rep
+        kv = self.dims.kv_heads
+        rep = h // kv
         U, G = self.slots.shape
         scale = dd ** -0.5
         qg = q.view(n, kv, rep, dd)  # query heads grouped by the key head they read
@@ -159,41 +176,18 @@ class RowDecoder(_Decoder):
 
     @torch.no_grad()
     def _prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Run each distinct prompt once; fill the buffers' prompt columns; logits [N, V] of the last tokens."""
-        n = prompt_ids.shape[0]
-        dummy = torch.ones((n, 1), dtype=torch.long, device=prompt_ids.device)
-        lay = build_layout(prompt_ids, prompt_mask, dummy, dummy)  # responses of one token: prompts only
-        d = self.dims
-        self.prompt_len = prompt_mask.bool().sum(-1)  # [N]
+        """Copy each row's prompt keys / values into the prompt columns of its own buffer."""
+        lay, keys, values, logits = self._run_prompts(prompt_ids, prompt_mask)
+        n, d = prompt_ids.shape[0], self.dims
         self.prompt_cols = lay.prompt_gather.shape[1]  # Pm
         width = self.prompt_cols + max_new_tokens
-        x = self.body.embed_tokens(lay.tokens)
-        cos, sin = _rotary(self.model, lay.positions, x.dtype)
         self.keys, self.values = [], []
-        for layer in self.body.layers:
-            attn = layer.self_attn
-            h = _rms_norm(x, layer.input_layernorm)
-            k, v = _linear(h, attn.k_proj, attn.v_proj).split(d.kv_heads * d.head_dim, -1)
-            k, v = _rope(k.view(-1, d.kv_heads, d.head_dim), cos, sin), v.view(-1, d.kv_heads, d.head_dim)
-            q = _rope(_linear(h, attn.q_proj).view(-1, d.heads, d.head_dim), cos, sin)
-            kp, vp, qp = (t[lay.prompt_gather].transpose(1, 2) for t in (k, v, q))  # [U, H*, Pm, d]
-            rep = d.heads // d.kv_heads
-            out = F.scaled_dot_product_attention(qp, _repeat_kv(kp, rep), _repeat_kv(vp, rep), is_causal=True)
-            out = out.transpose(1, 2)[lay.prompt_back].reshape(-1, d.heads * d.head_dim)
-            x = x + _linear(out, attn.o_proj)
-            x = x + self._mlp(layer, x)
-            for store, t in ((self.keys, kp), (self.values, vp)):
+        for store, per_layer in ((self.keys, keys), (self.values, values)):
+            for t in per_layer:
                 buf = t.new_empty((n, d.kv_heads, width, d.head_dim))
                 buf[:, :, :self.prompt_cols] = t[lay.prompt_of_row]
                 store.append(buf)
-        last = _rms_norm(x[lay.last_prompt], self.body.norm)
-        return self.model.get_output_embeddings()(last)[lay.prompt_of_row]
-
-    @staticmethod
-    def _mlp(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        mlp = layer.mlp
-        gate, up = _linear(_rms_norm(x, layer.post_attention_layernorm), mlp.gate_proj, mlp.up_proj).chunk(2, -1)
-        return _linear(F.silu(gate) * up, mlp.down_proj)
+        return logits
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep only the rows ``index`` (finished rows dropped)."""
@@ -201,29 +195,21 @@ class RowDecoder(_Decoder):
         self.values = [v[index] for v in self.values]
         self.prompt_len = self.prompt_len[index]
 
-    @torch.no_grad()
-    def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
-        """Feed the t-th generated token of each row ([n]); logits [n, V] of the next one."""
-        d, col = self.dims, self.prompt_cols + t
-        x = self.body.embed_tokens(tokens)
-        cos, sin = _rotary(self.model, self.prompt_len + t, x.dtype)
-        cols = torch.arange(col + 1, device=tokens.device)
+    def _begin_step(self, t: int) -> None:
+        """The columns each row sees at step t: its prompt's real ones and generated 0..t."""
+        col = self.prompt_cols + t
+        cols = torch.arange(col + 1, device=self.prompt_len.device)
         visible = (cols[None, :] < self.prompt_len[:, None]) | (cols[None, :] >= self.prompt_cols)
-        mask = visible[:, None, None, :]  # [n, 1, 1, col + 1]: broadcast over kv heads and their queries
-        rep = d.heads // d.kv_heads
-        for i, layer in enumerate(self.body.layers):
-            attn = layer.self_attn
-            h = _rms_norm(x, layer.input_layernorm)
-            q, k, v = _linear(h, attn.q_proj, attn.k_proj, attn.v_proj).split(
-                [d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim], -1)
-            q = _rope(q.view(-1, d.heads, d.head_dim), cos, sin)
-            self.keys[i][:, :, col] = _rope(k.view(-1, d.kv_heads, d.head_dim), cos, sin)
-            self.values[i][:, :, col] = v.view(-1, d.kv_heads, d.head_dim)
-            keys, values = self.keys[i][:, :, :col + 1], self.values[i][:, :, :col + 1]
-            out = _one_query_attention(q, keys, values, mask, rep)
-            x = x + _linear(out, attn.o_proj)
-            x = x + self._mlp(layer, x)
-        return self.model.get_output_embeddings()(_rms_norm(x, self.body.norm))
+        self.visible = visible[:, None, None, :]  # [n, 1, 1, col + 1]: broadcast over kv heads and queries
+
+    def _write(self, i: int, t: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.keys[i][:, :, self.prompt_cols + t] = k
+        self.values[i][:, :, self.prompt_cols + t] = v
+
+    def _read(self, q: torch.Tensor, i: int, t: int) -> torch.Tensor:
+        col = self.prompt_cols + t
+        keys, values = self.keys[i][:, :, :col + 1], self.values[i][:, :, :col + 1]
+        return _one_query_attention(q, keys, values, self.visible, self.dims.heads // self.dims.kv_heads)
 
 
 def _one_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
