@@ -109,7 +109,7 @@ def test_planted_one_sd_effect_is_detected_at_eight_seeds():
     assert 0.25 < headline <= primary
 
 
-@pytest.mark.parametrize("n_seeds", [4, 8])
+@pytest.mark.parametrize("n_seeds", [4, 8, 28])  # the confirmatory study runs 8 and 28
 def test_interval_coverage_under_the_null(n_seeds):
     rng = np.random.default_rng(50 + n_seeds)
     reps = 400
