@@ -20,6 +20,7 @@ from tokentrust.study.secondary import (
     EQUIVALENT,
     HIGHER,
     INCONCLUSIVE,
+    NOT_TESTABLE,
     SUPPORTED,
     evaluate_family,
     parse_family,
@@ -120,6 +121,19 @@ def test_missing_arm_is_untested_and_does_not_count_in_holm():
     assert a.p_holm == pytest.approx(a.result.p)
     assert b.result is None and math.isnan(b.p_holm) and b.verdict == INCONCLUSIVE
 
+
+
+def test_arms_equal_on_every_seed_are_not_testable_rather_than_inconclusive():
+    """The confirmatory study's S1 / S4: an unseen-token share of 0 in every run of both arms. Before
+    the NOT TESTABLE label this read INCONCLUSIVE ("cannot tell"), though nothing varied to test; a
+    contrast with a real but small spread stays INCONCLUSIVE."""
+    values = {"base": [0.0] * 8, "same": [0.0] * 8, "noisy": [0.0, 0.001, 0.0, 0.0, 0.002, 0.0, 0.0, 0.0]}
+    spec = {"S1": {"method": "same", "baseline": "base", "metric": "m", "predict": "lower"},
+            "S2": {"method": "noisy", "baseline": "base", "metric": "m", "predict": "lower"}}
+    s1, s2 = evaluate_family(parse_family(spec), _loader(_summaries(values)))
+    assert (s1.result.diff, s1.result.sd) == (0.0, 0.0)
+    assert s1.verdict == NOT_TESTABLE
+    assert s2.verdict == INCONCLUSIVE
 
 @pytest.mark.parametrize(("spec", "field"), [
     ({"S1": {"method": "a", "baseline": "b"}}, "grid.secondary.S1.metric"),

@@ -20,8 +20,10 @@ A grid declares it next to its primary comparison (`grid.secondary`, copied into
 - The two-sided p-values of all contrasts are Holm-adjusted together. A significant contrast is
   SUPPORTED / CONTRADICTED against its `predict` (higher / lower), or HIGHER / LOWER without one.
   Contrasts with a `margin` also get the TOST for equivalence within +/- margin, Holm-adjusted
-  across those contrasts; a non-significant one whose TOST is significant is EQUIVALENT. Everything
-  else is INCONCLUSIVE.
+  across those contrasts; a non-significant one whose TOST is significant is EQUIVALENT. A contrast
+  whose arms have the same value on every seed (e.g. a share that is 0 in every run of both) is NOT
+  TESTABLE: there is no variation to test, which is a fact about the regime, not "cannot tell".
+  Everything else is INCONCLUSIVE.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import numpy as np
 from tokentrust.study.inference import PairedResult, adjust, paired_test, tost_pvalue
 from tokentrust.study.verdicts import CONTRADICTED, EQUIVALENT, INCONCLUSIVE, SUPPORTED, Problems, Summaries, compare
 
-HIGHER, LOWER = "HIGHER", "LOWER"
+HIGHER, LOWER, NOT_TESTABLE = "HIGHER", "LOWER", "NOT TESTABLE"
 _PREDICT = {"higher": +1, "lower": -1, None: 0}
 _KEYS = {"method", "baseline", "slope", "metric", "predict", "margin", "grid", "note"}
 
@@ -136,6 +138,8 @@ def _test(c: Contrast, summaries: Summaries, problems: Problems | None, alpha: f
 
 
 def contrast_verdict(c: Contrast, r: PairedResult | None, p_holm: float, p_equiv: float, alpha: float) -> str:
+    if r is not None and r.n >= 2 and r.diff == 0 and r.sd == 0:
+        return NOT_TESTABLE  # every per-seed difference is exactly 0
     if r is not None and math.isfinite(p_holm) and p_holm < alpha and r.diff != 0:
         sign = 1 if r.diff > 0 else -1
         if c.predict:

@@ -277,7 +277,8 @@ def section_family(d: GridData) -> list[str]:
         "slope contrast tests the mean of per-seed OLS slopes on the dose against 0. SUPPORTED / CONTRADICTED: "
         "significant in / against the predicted direction; HIGHER / LOWER: significant without a prediction; "
         "EQUIVALENT: not significant and the TOST (Holm across the contrasts with a margin) puts the "
-        "difference within ± the margin; else INCONCLUSIVE.",
+        "difference within ± the margin; NOT TESTABLE: both arms have the same value on every seed (nothing "
+        "varies, e.g. a share that is 0 in every run); else INCONCLUSIVE.",
         _table(header, [_family_row(c, d.alpha) for c in d.family]),
         *(["\n".join(notes)] if notes else []),
     ]
