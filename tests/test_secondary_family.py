@@ -15,6 +15,7 @@ from tokentrust.config import ConfigError
 from tokentrust.study.compare import load_grid
 from tokentrust.study.inference import tost_pvalue
 from tokentrust.study.report.build import build_report
+from tokentrust.study.report.data import analyse
 from tokentrust.study.secondary import (
     CONTRADICTED,
     EQUIVALENT,
@@ -177,3 +178,23 @@ def test_report_shows_the_family_and_reads_a_second_grid(tmp_path):
     assert row.rstrip(" |").endswith(SUPPORTED)  # GOOD vs POOR accuracy: 0.75 vs 0.45
     row9 = next(line for line in text.splitlines() if line.startswith("| S9 "))
     assert "(grid `sync`)" in row9 and "| 8 |" in row9
+
+
+def test_family_table_gives_each_contrast_its_mde_at_the_holm_level(tmp_path):
+    """MDE column: (t_{1 - alpha/(2k), n-1} + t_{0.8, n-1}) sd / sqrt(n), k = the family's size,
+    written here from scipy's t quantiles rather than through `inference.mde`."""
+    grid = _make_grid(tmp_path / "g", GOOD, POOR)
+    meta = json.loads((grid / "grid.json").read_text())
+    meta["secondary"] = {
+        "S1": {"method": "av-freq", "baseline": BASE, "metric": "eval/greedy_pass@1"},
+        "S2": {"method": "av-freq", "baseline": BASE, "metric": "stability/drawdown_smoothed"},
+    }
+    (grid / "grid.json").write_text(json.dumps(meta))
+    text = build_report(grid).read_text()
+    family = analyse(grid, BASE, 0.05).family
+    for c in family:
+        r = c.result
+        expected = (stats.t.ppf(1 - 0.05 / (2 * 2), r.n - 1) + stats.t.ppf(0.8, r.n - 1)) * r.sd / math.sqrt(r.n)
+        row = next(line for line in text.splitlines() if line.startswith(f"| {c.contrast.key} "))
+        cells = [x.strip() for x in row.strip("|").split("|")]
+        assert float(cells[-2]) == pytest.approx(expected, rel=1e-3)

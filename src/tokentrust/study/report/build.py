@@ -22,7 +22,7 @@ import math
 import os
 from pathlib import Path
 
-from tokentrust.study.inference import PairedResult, interval, min_signflip_p, tost_seeds_needed
+from tokentrust.study.inference import PairedResult, interval, mde, min_signflip_p, tost_seeds_needed
 from tokentrust.study.report import sections as study
 from tokentrust.study.report.data import GridData, analyse, unfinished_runs
 from tokentrust.study.secondary import ContrastResult
@@ -248,18 +248,20 @@ def _margin_cell(v: HypothesisResult) -> str:
 _PREDICTION = {1: "higher", -1: "lower", 0: "none"}
 
 
-def _family_row(c: ContrastResult, alpha: float) -> list[str]:
+def _family_row(c: ContrastResult, alpha: float, size: int) -> list[str]:
+    """One contrast; the MDE is at alpha / size, the level a lone effect must reach under Holm."""
     k, r = c.contrast, c.result
     what = k.label + (f" (grid `{k.grid}`)" if k.grid else "")
     metric = f"{k.metric}{' per-seed slope' if k.doses else ''}"
     pred = _PREDICTION[k.predict]
     if r is None or r.n == 0:
-        return [k.key, what, metric, pred, "0", *["n/a"] * 4, c.verdict]
+        return [k.key, what, metric, pred, "0", *["n/a"] * 5, c.verdict]
     margin = "n/a"
     if k.margin is not None and r.n >= 2:
         lo, hi = interval(r, 2 * alpha)
         margin = f"±{k.margin:g}: {_level(2 * alpha)} CI [{_fmt(lo)}, {_fmt(hi)}], TOST Holm p {_fmt_p(c.p_equiv)}"
-    return [k.key, what, metric, pred, str(r.n), _interval(r), _fmt_p(r.p), _fmt_p(c.p_holm), margin, c.verdict]
+    return [k.key, what, metric, pred, str(r.n), _interval(r), _fmt_p(r.p), _fmt_p(c.p_holm), margin,
+            _fmt(mde(r.sd, r.n, alpha / size)), c.verdict]
 
 
 def section_family(d: GridData) -> list[str]:
@@ -267,7 +269,7 @@ def section_family(d: GridData) -> list[str]:
     if not d.family:
         return []
     header = ["", "contrast", "metric", "prediction", "n", f"diff [{_level(d.alpha)} CI]", "p", "Holm p",
-              "equivalence", "verdict"]
+              "equivalence", "MDE (80%)", "verdict"]
     notes = [f"- {c.contrast.key}: {c.contrast.note}" for c in d.family if c.contrast.note]
     return [
         "## Declared secondary family",
@@ -278,8 +280,9 @@ def section_family(d: GridData) -> list[str]:
         "significant in / against the predicted direction; HIGHER / LOWER: significant without a prediction; "
         "EQUIVALENT: not significant and the TOST (Holm across the contrasts with a margin) puts the "
         "difference within ± the margin; NOT TESTABLE: both arms have the same value on every seed (nothing "
-        "varies, e.g. a share that is 0 in every run); else INCONCLUSIVE.",
-        _table(header, [_family_row(c, d.alpha) for c in d.family]),
+        "varies, e.g. a share that is 0 in every run); else INCONCLUSIVE. MDE: the difference detectable with "
+        "80% power at alpha / (number of contrasts), the level a lone effect must reach after Holm.",
+        _table(header, [_family_row(c, d.alpha, len(d.family)) for c in d.family]),
         *(["\n".join(notes)] if notes else []),
     ]
 
